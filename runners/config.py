@@ -1,0 +1,348 @@
+"""Typed configuration: dataclass sections, YAML presets and `section.key=value` overrides.
+
+Every key has a type, a default and one line of help; the resolved config is plain data so it
+can be saved next to a run and inside checkpoints (which load with `weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = CONFIG_DIR / "default.yaml"
+CORE_CHOICES = ("ff", "lstm", "lt", "delta", "delta_rnn", "delta_lstm", "rdn")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem, reported as one line."""
+
+
+def _key(default: Any, help: str, choices: tuple | None = None, minimum: float | None = None):
+    """A config field with its help line and optional validation."""
+    meta = {"help": help, "choices": choices, "min": minimum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EnvConfig:
+    kind: str = _key("atari", "environment family", choices=("atari", "gym"))
+    id: str = _key("pong", "Atari game (pong, Pong, ALE/Pong-v5, ...) or gymnasium id")
+    module: str | None = _key(None, "python module imported first (registers a gymnasium id)")
+    num_envs: int = _key(32, "environments in total, split evenly across actors", minimum=1)
+    num_threads: int = _key(0, "emulator threads per actor (0: automatic)", minimum=0)
+    repeat_action_probability: float = _key(
+        0.0, "sticky actions (0.25 is the modern protocol)", minimum=0.0
+    )
+    full_action_space: bool = _key(False, "use all 18 Atari actions")
+    episodic_life: bool = _key(False, "a lost life ends the episode for learning")
+    noop_max: int = _key(30, "up to this many no-ops at episode start", minimum=0)
+    max_episode_frames: int = _key(108_000, "frame cap per episode (emulator frames)", minimum=1)
+    kwargs: dict = _key({}, "extra keyword arguments for gymnasium.make (env.kind=gym)")
+
+
+@dataclass
+class AgentConfig:
+    torso: str = _key("nature", "observation encoder", choices=("impala", "nature", "mlp"))
+    core: str = _key("rdn", "recurrent core", choices=CORE_CHOICES)
+    prev_action: bool = _key(False, "feed the one-hot previous action to the core")
+    bf16: bool = _key(False, "run the torso under bf16 autocast")
+
+
+@dataclass
+class CoreConfig:
+    hidden_size: int | None = _key(
+        None, "core width (None: 128 for FWP cores, 256 for lstm)", minimum=1
+    )
+    num_layers: int = _key(2, "FWP layers", minimum=1)
+    num_heads: int = _key(4, "fast-weight heads per layer", minimum=1)
+    head_dim: int = _key(32, "size of each head's key/value", minimum=1)
+    ff_size: int = _key(512, "feed-forward width inside each FWP layer", minimum=1)
+    dropout: float = _key(0.0, "dropout inside FWP layers", minimum=0.0)
+    state_grad: str = _key(
+        "full", "back-propagate through the fast weights", choices=("full", "none")
+    )
+
+
+@dataclass
+class LearnerConfig:
+    unroll_length: int = _key(50, "T: agent steps per rollout", minimum=1)
+    batch_size: int = _key(32, "B: trajectories per learner batch", minimum=1)
+    gamma: float = _key(0.99, "discount", minimum=0.0)
+    learning_rate: float = _key(6e-4, "initial learning rate", minimum=0.0)
+    lr_schedule: str = _key(
+        "linear", "learning-rate decay to 0 over total steps", choices=("linear", "constant")
+    )
+    optimizer: str = _key("rmsprop", "optimizer", choices=("rmsprop", "adam"))
+    rmsprop_alpha: float = _key(0.99, "RMSprop smoothing constant", minimum=0.0)
+    rmsprop_eps: float = _key(0.01, "RMSprop/Adam epsilon", minimum=0.0)
+    momentum: float = _key(0.0, "RMSprop momentum", minimum=0.0)
+    grad_clip: float = _key(40.0, "global gradient-norm clip (0: off)", minimum=0.0)
+    baseline_cost: float = _key(0.5, "weight of the value loss", minimum=0.0)
+    entropy_cost: float = _key(0.01, "weight of the entropy bonus", minimum=0.0)
+    reward_clip: float = _key(1.0, "clamp rewards to [-c, c] for learning (0: off)", minimum=0.0)
+    clip_rho: float = _key(1.0, "V-trace rho-bar", minimum=0.0)
+    clip_pg_rho: float = _key(
+        1.0, "V-trace rho-bar for the policy-gradient advantages", minimum=0.0
+    )
+    lambda_: float = _key(1.0, "V-trace lambda", minimum=0.0)
+    max_nan_updates: int = _key(10, "stop after this many non-finite updates in a row", minimum=1)
+
+
+@dataclass
+class RuntimeConfig:
+    backend: str = _key("local", "actor/learner runtime", choices=("local", "sync", "ray"))
+    total_steps: int = _key(
+        10_000_000, "agent steps to train for (1 step = frameskip frames)", minimum=1
+    )
+    num_actors: int = _key(2, "actor processes", minimum=1)
+    device: str = _key("auto", "learner device", choices=("auto", "cpu", "cuda"))
+    learner_threads: int = _key(
+        0, "torch threads of the learner (0: cores minus actors, at least 1)", minimum=0
+    )
+    actor_threads: int = _key(1, "torch threads per actor process", minimum=1)
+    num_buffers: int = _key(
+        0, "rollout slots in shared memory (0: twice what the learner needs)", minimum=0
+    )
+    max_policy_lag: int = _key(
+        0, "drop rollouts older than this many updates (0: keep all)", minimum=0
+    )
+    actor_timeout_s: float = _key(120.0, "restart an actor silent for this long", minimum=1.0)
+    ray_address: str = _key("local", "Ray cluster: local, auto or host:port")
+
+
+@dataclass
+class CheckpointConfig:
+    every_s: float = _key(600.0, "seconds between checkpoints", minimum=1.0)
+    keep_last: int = _key(3, "checkpoints kept besides milestones", minimum=1)
+    milestones: list = _key([], "agent steps whose checkpoint is kept forever")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = _key(True, "write TensorBoard summaries under <run>/tb")
+    every_s: float = _key(5.0, "seconds between console lines and scalar summaries", minimum=0.1)
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = _key(0, "evaluate during training every this many steps (0: off)", minimum=0)
+    episodes: int = _key(10, "episodes per evaluation", minimum=1)
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = _key(None, "run folder (default runs/<game>-<core>-<time>)")
+    restart: bool = _key(False, "start over even if the run folder has checkpoints")
+
+
+@dataclass
+class Config:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    core: CoreConfig = field(default_factory=CoreConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = _key(0, "random seed", minimum=0)
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "seed"}
+
+
+def _fields(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(_sections()[section])}
+
+
+def all_keys() -> list[str]:
+    """Every dotted key, in declaration order."""
+    keys = [f"{s}.{k}" for s in _sections() for k in _fields(s)]
+    return keys + ["seed"]
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(choices)}"
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Check `value` against the field's type, choices and minimum; return the typed value."""
+    hints = typing.get_type_hints(_owner(key))
+    hint = hints[f.name]
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} may not be empty (expected {base.__name__})")
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if base is int and isinstance(value, float) and value.is_integer() and abs(value) >= 1e3:
+        value = int(value)  # allow 2e8 for step counts
+    ok = isinstance(value, base) and not (base in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key} must be {base.__name__}, got {type(value).__name__} {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choices: {', '.join(choices)}")
+    minimum = f.metadata.get("min")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}={value!r} must be >= {minimum}")
+    if base is list and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{key} must be a list of integers, got {value!r}")
+    return value
+
+
+def _owner(key: str) -> type:
+    return Config if key == "seed" else _sections()[key.split(".")[0]]
+
+
+def _field(key: str) -> dataclasses.Field:
+    """The field for a dotted key, or a ConfigError naming the valid keys."""
+    if key == "seed":
+        return next(f for f in dataclasses.fields(Config) if f.name == "seed")
+    section, _, name = key.partition(".")
+    sections = list(_sections())
+    if section not in sections or not name:
+        raise ConfigError(f"unknown config key {key!r}; {_closest(section, sections + ['seed'])}")
+    fields = _fields(section)
+    if name not in fields:
+        close = difflib.get_close_matches(name, list(fields), n=3, cutoff=0.4)
+        close += [k for k in fields if name in k and k not in close]
+        names = close or list(fields)
+        hint = "did you mean" if close else "valid keys:"
+        raise ConfigError(
+            f"unknown config key {key!r}; {hint} {', '.join(f'{section}.{k}' for k in names)}"
+        )
+    return fields[name]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested preset mapping -> dotted keys; `kwargs` dicts stay whole."""
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict) and key in _sections():
+            flat.update(_flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def apply(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key (e.g. `env.kwargs.delay`) after validating it."""
+    if key.startswith("env.kwargs."):
+        cfg.env.kwargs[key.removeprefix("env.kwargs.")] = value
+        return
+    f = _field(key)
+    typed = _coerce(key, value, f)
+    if key == "seed":
+        cfg.seed = typed
+    else:
+        section, name = key.split(".", 1)
+        setattr(getattr(cfg, section), name, typed)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as YAML (so 1e-3, true, [1, 2], {a: 1} work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    """Read a YAML preset into dotted keys."""
+    path = Path(path)
+    if not path.is_file():
+        presets = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file {str(path)!r} not found; presets in configs/: {presets}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML: {exc}".splitlines()[0]
+        ) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of sections")
+    return _flatten(tree)
+
+
+def build_config(preset: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the preset (default: configs/default.yaml), then command-line overrides."""
+    cfg = Config()
+    for key, value in load_preset(preset or DEFAULT_PRESET).items():
+        apply(cfg, key, value)
+    for text in overrides:
+        apply(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that involve several keys."""
+    per_actor, rest = divmod(cfg.env.num_envs, cfg.runtime.num_actors)
+    if rest or per_actor == 0:
+        raise ConfigError(
+            f"env.num_envs={cfg.env.num_envs} must be a positive multiple of "
+            f"runtime.num_actors={cfg.runtime.num_actors}"
+        )
+    if cfg.learner.batch_size % per_actor:
+        raise ConfigError(
+            f"learner.batch_size={cfg.learner.batch_size} must be a multiple of the envs per "
+            f"actor ({per_actor} = env.num_envs / runtime.num_actors)"
+        )
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (YAML- and weights_only-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output, validating every key."""
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def help_text(defaults: Config) -> str:
+    """Every key with its value in `defaults` and its help line, for `train.py --help`."""
+    lines = []
+    for key in all_keys():
+        f = _field(key)
+        section, _, name = key.partition(".")
+        default = defaults.seed if key == "seed" else getattr(getattr(defaults, section), name)
+        choices = f.metadata.get("choices")
+        extra = f" [{'|'.join(choices)}]" if choices else ""
+        lines.append(f"  {key:<34} {default!r:<12} {f.metadata['help']}{extra}")
+    return "\n".join(lines)
