@@ -5,7 +5,10 @@ import torch
 
 from agents.cores.fast_weights import delta_rule, linear_attention, phi
 
-IMPL_LIST = ["reference"]
+IMPL_LIST = ["reference", "fast"]
+NAMES = {"lt": ["q", "k", "v", "W"], "delta": ["q", "k", "v", "beta", "W"]}
+# Resets at t=0, two in a row, at chunk starts and ends and inside chunks for the sizes below.
+RESETS = [(0, 0), (7, 0), (12, 0), (5, 1), (6, 1), (4, 2), (9, 2)]
 
 
 def _run(rule: str, inputs: dict, impl: str, **kw):
@@ -141,15 +144,38 @@ def test_state_not_modified_in_place(rule, impl):
     assert W_new.data_ptr() != W.data_ptr()
 
 
-@pytest.mark.parametrize("impl", IMPL_LIST)
+@pytest.mark.parametrize("T, chunk", [(13, 64), (13, 4), (13, 5), (12, 4), (13, 1)])
 @pytest.mark.parametrize("rule", ["lt", "delta"])
-def test_gradcheck_float64(rule, impl):
-    inputs = _inputs(T=4, B=2, H=1, d=3, dtype=torch.float64, resets=[(0, 0), (2, 1)])
-    names = ["q", "k", "v", "W"] + (["beta"] if rule == "delta" else [])
+def test_fast_matches_reference(rule, T, chunk):
+    inputs = _inputs(T=T, resets=[(t, b) for t, b in RESETS if t < T])
+    names = NAMES[rule]
+    g = torch.Generator().manual_seed(1)
+    results = []
+    for impl in IMPL_LIST:
+        leaves = {n: inputs[n].clone().requires_grad_() for n in names}
+        y, W = _run(rule, {**inputs, **leaves}, impl, chunk_size=chunk)
+        gy = torch.randn(y.shape, generator=g) if not results else results[0][2]
+        gW = torch.randn(W.shape, generator=g) if not results else results[0][3]
+        grads = torch.autograd.grad([y, W], list(leaves.values()), [gy, gW])
+        results.append((y, W, gy, gW, grads))
+    (y_ref, W_ref, _, _, g_ref), (y_fast, W_fast, _, _, g_fast) = results
+    _close(y_fast, y_ref)
+    _close(W_fast, W_ref)
+    for name, a, b in zip(names, g_fast, g_ref, strict=True):
+        assert b.abs().max() > 0, name
+        _close(a, b)
+
+
+@pytest.mark.parametrize("impl, chunk", [("reference", 64), ("fast", 64), ("fast", 3)])
+@pytest.mark.parametrize("rule", ["lt", "delta"])
+def test_gradcheck_float64(rule, impl, chunk):
+    resets = [(0, 0), (2, 1), (3, 1)]
+    inputs = _inputs(T=4, B=2, H=1, d=3, dtype=torch.float64, resets=resets)
+    names = NAMES[rule]
     leaves = [inputs[n].clone().requires_grad_() for n in names]
 
     def f(*xs):
-        return _run(rule, {**inputs, **dict(zip(names, xs, strict=True))}, impl)
+        return _run(rule, {**inputs, **dict(zip(names, xs, strict=True))}, impl, chunk_size=chunk)
 
     assert torch.autograd.gradcheck(f, leaves)
 
@@ -158,3 +184,19 @@ def test_gradcheck_float64(rule, impl):
 def test_unknown_impl_names_the_valid_ones(rule):
     with pytest.raises(ValueError, match="reference, fast"):
         _run(rule, _inputs(T=2), "cuda")
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 2.0])
+def test_bad_chunk_size_is_rejected(chunk):
+    with pytest.raises(ValueError, match="chunk_size"):
+        _run("delta", _inputs(T=2), "fast", chunk_size=chunk)
+
+
+def test_bad_shapes_are_rejected():
+    inputs = _inputs(T=3)
+    with pytest.raises(ValueError, match="beta must be"):
+        _run("delta", {**inputs, "beta": inputs["beta"][..., 0]}, "fast")
+    with pytest.raises(ValueError, match="W must be"):
+        _run("lt", {**inputs, "W": inputs["W"][:1]}, "fast")
+    with pytest.raises(ValueError, match="done must be"):
+        _run("lt", {**inputs, "done": inputs["done"].float()}, "fast")
