@@ -1,0 +1,15 @@
+"""The neural network: torsos, recurrent cores and the actor-critic (pure torch, DESIGN §1)."""
+
+from agents.agent import ActorCritic, build_agent, core_input_size
+from agents.cores import CORE_NAMES, make_core
+from agents.torso import TORSO_NAMES, make_torso
+
+__all__ = [
+    "CORE_NAMES",
+    "TORSO_NAMES",
+    "ActorCritic",
+    "build_agent",
+    "core_input_size",
+    "make_core",
+    "make_torso",
+]

@@ -1,0 +1,117 @@
+"""ActorCritic = torso + recurrent core + policy/value heads (DESIGN §4).
+
+Actors call ``act`` one step at a time; the learner calls ``forward`` (alias ``unroll``) over
+the whole ``[T+1, B]`` rollout. ``act`` is ``forward`` with T=1 under ``torch.no_grad``, so the
+learner replays exactly what the actor computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agents.cores import make_core
+from agents.torso import make_torso
+
+State = tuple[torch.Tensor, ...]
+
+
+class ActorCritic(nn.Module):
+    """Core input per step: ``[torso(obs), clamp(reward, -1, 1)]`` (+ one-hot previous action)."""
+
+    def __init__(
+        self, torso: nn.Module, core: nn.Module, num_actions: int, prev_action: bool = False
+    ) -> None:
+        super().__init__()
+        _check_num_actions(num_actions)
+        expected = core_input_size(torso.output_size, num_actions, prev_action)
+        if core.input_size != expected:
+            raise ValueError(
+                f"core input_size is {core.input_size} but torso + reward"
+                f"{' + previous action' if prev_action else ''} give {expected}"
+            )
+        self.torso = torso
+        self.core = core
+        self.num_actions = num_actions
+        self.prev_action = prev_action
+        self.policy = nn.Linear(core.output_size, num_actions)
+        self.baseline = nn.Linear(core.output_size, 1)
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        return self.core.initial_state(batch_size, device)
+
+    def forward(
+        self,
+        obs: torch.Tensor,
+        reward: torch.Tensor,
+        done: torch.Tensor,
+        prev_action: torch.Tensor,
+        state: State,
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """Unroll over ``[T, B]``: returns logits ``[T,B,A]``, value ``[T,B]``, the new state.
+
+        ``state`` is the core state before ``obs[0]``; ``done[t]`` resets it before step t.
+        """
+        T, B = obs.shape[:2]
+        features = self.torso(obs.reshape(T * B, *obs.shape[2:])).view(T, B, -1)
+        parts = [features, reward.clamp(-1.0, 1.0).unsqueeze(-1).to(features.dtype)]
+        if self.prev_action:
+            parts.append(F.one_hot(prev_action, self.num_actions).to(features.dtype))
+        y, state = self.core(torch.cat(parts, dim=-1), done, state)
+        return self.policy(y), self.baseline(y).squeeze(-1), state
+
+    unroll = forward
+
+    @torch.no_grad()
+    def act(
+        self,
+        obs: torch.Tensor,
+        reward: torch.Tensor,
+        done: torch.Tensor,
+        prev_action: torch.Tensor,
+        state: State,
+        greedy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
+        """One step for ``[B]`` envs: (action ``[B]`` i64, logits ``[B,A]``, value ``[B]``, state).
+
+        Samples from the policy, or takes its argmax when ``greedy``.
+        """
+        logits, value, state = self.forward(
+            obs[None], reward[None], done[None], prev_action[None], state
+        )
+        logits, value = logits[0], value[0]
+        if greedy:
+            action = logits.argmax(dim=-1)
+        else:
+            action = torch.multinomial(F.softmax(logits, dim=-1), 1).squeeze(-1)
+        return action, logits, value, state
+
+
+def _check_num_actions(num_actions: int) -> None:
+    if isinstance(num_actions, bool) or not isinstance(num_actions, int) or num_actions < 1:
+        raise ValueError(f"num_actions must be a positive int, got {num_actions!r}")
+
+
+def core_input_size(torso_size: int, num_actions: int, prev_action: bool) -> int:
+    """Width of the core's input: torso features, the clamped reward, optionally a one-hot."""
+    return torso_size + 1 + (num_actions if prev_action else 0)
+
+
+def build_agent(
+    torso: str,
+    core: str,
+    obs_shape: Sequence[int],
+    num_actions: int,
+    core_kwargs: dict[str, Any] | None = None,
+    prev_action: bool = False,
+    bf16: bool = False,
+) -> ActorCritic:
+    """Build an ActorCritic from names: ``make_torso(torso, ...)`` and ``make_core(core, ...)``."""
+    body = make_torso(torso, obs_shape, bf16=bf16)
+    _check_num_actions(num_actions)
+    size = core_input_size(body.output_size, num_actions, prev_action)
+    return ActorCritic(body, make_core(core, size, **(core_kwargs or {})), num_actions, prev_action)

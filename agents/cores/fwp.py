@@ -1,0 +1,247 @@
+"""The Fast Weight Programmer block shared by every FWP core (DESIGN §3).
+
+``x -> input_proj -> num_layers x [x = x + out(FWP(LN(x))); x = x + FF(LN(x))]``. One class
+serves ``lt``, ``delta``, ``delta_rnn``, ``rdn`` and ``delta_lstm``; a table names, per
+recurrence, what the slow projection produces (and its activation), the state it carries and
+how to call the recurrence of ``agents.cores.fast_weights``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agents.cores import fast_weights as fw
+
+State = tuple[torch.Tensor, ...]
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "phi": fw.phi,
+    "softmax": lambda x: F.softmax(x, dim=-1),
+    "sigmoid": torch.sigmoid,
+    "raw": lambda x: x,
+}
+
+
+@dataclass(frozen=True)
+class _Recurrence:
+    """What one recurrence needs from the block.
+
+    fields: (name, activation) of each slow-projection output, in the recurrence's argument
+        order; names starting with "beta"/"rbeta" are one scalar per head (and gate), the others
+        one head_dim vector.
+    gates: size of the gate axis placed before head_dim (delta_lstm: i, u, o), 0 for none.
+    state: "mat" ([H, (G,) d, d] fast weights) or "vec" ([H, d]) per carried tensor.
+    """
+
+    fields: tuple[tuple[str, str], ...]
+    gates: int
+    state: tuple[str, ...]
+
+
+_RECURRENCES = {
+    "lt": _Recurrence((("q", "phi"), ("k", "phi"), ("v", "raw")), 0, ("mat",)),
+    "delta": _Recurrence(
+        (("q", "phi"), ("k", "phi"), ("v", "raw"), ("beta", "sigmoid")), 0, ("mat",)
+    ),
+    "delta_rnn": _Recurrence(
+        (
+            ("q", "softmax"),
+            ("k", "softmax"),
+            ("v", "raw"),
+            ("beta", "sigmoid"),
+            ("rk", "softmax"),
+            ("rv", "raw"),
+            ("rbeta", "sigmoid"),
+        ),
+        0,
+        ("mat", "mat", "vec"),
+    ),
+    "rdn": _Recurrence(
+        (("q", "raw"), ("k", "raw"), ("v", "raw"), ("beta", "raw")), 0, ("mat", "vec")
+    ),
+    "delta_lstm": _Recurrence(
+        (
+            ("q", "phi"),
+            ("k", "phi"),
+            ("v", "raw"),
+            ("beta", "sigmoid"),
+            ("rk", "softmax"),
+            ("rv", "raw"),
+            ("rbeta", "sigmoid"),
+        ),
+        3,
+        ("mat", "mat", "vec", "vec"),
+    ),
+}
+
+FWP_NAMES = tuple(_RECURRENCES)
+
+
+def _is_scalar(field: str) -> bool:
+    return field in ("beta", "rbeta")
+
+
+def _detached_state_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None,
+    done: torch.Tensor,
+    W: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear_attention`` (beta None) / ``delta_rule`` with the state detached between steps.
+
+    Each step's gradient stops at the state it reads (as in ``recurrent_fast_weights``: the
+    initial state still gets step 0's gradient), so the steps are independent given the states:
+    the states are computed without autograd, then every step's write and read run batched over
+    T. Same numbers as the per-step loop that detaches W after each step.
+    """
+    keep = (~done).to(W.dtype)[:, :, None, None, None]
+    first = W * keep[0]
+    with torch.no_grad():
+        states = []
+        for t in range(q.shape[0]):
+            W = W * keep[t]
+            states.append(W)
+            write = v[t]
+            if beta is not None:
+                write = beta[t] * (write - torch.einsum("bhi,bhij->bhj", k[t], W))
+            W = W + torch.einsum("bhi,bhj->bhij", k[t], write)
+        states[0] = first
+    prev = torch.stack(states)  # [T,B,H,d,d], the state each step reads; only the first has grad
+    write = v if beta is None else beta * (v - torch.einsum("tbhi,tbhij->tbhj", k, prev))
+    y = torch.einsum("tbhi,tbhij->tbhj", q, prev) + (q * k).sum(-1, keepdim=True) * write
+    return y, W
+
+
+class FastWeightLayer(nn.Module):
+    """Slow projection -> activations -> fast-weight recurrence -> output projection."""
+
+    def __init__(
+        self,
+        kind: str,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        state_grad: str,
+        impl: str,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.spec = _RECURRENCES[kind]
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.state_grad, self.impl = state_grad, impl
+        g = max(self.spec.gates, 1)
+        self.widths = [
+            num_heads * g * (1 if _is_scalar(name) else head_dim) for name, _ in self.spec.fields
+        ]
+        self.slow = nn.Linear(hidden_size, sum(self.widths), bias=False)
+        self.out = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        if kind == "rdn":
+            std = head_dim**-0.5
+            self.Rq = nn.Parameter(torch.randn(num_heads, head_dim, head_dim) * std)
+            self.Rk = nn.Parameter(torch.randn(num_heads, head_dim, head_dim) * std)
+            self.Rv = nn.Parameter(torch.randn(num_heads, head_dim, head_dim) * std)
+            self.rb = nn.Parameter(torch.randn(num_heads, head_dim) * std)
+
+    def state_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample shapes (no batch dim) of the carried state tensors."""
+        h, d, g = self.num_heads, self.head_dim, self.spec.gates
+        mat = (h, g, d, d) if g else (h, d, d)
+        return [mat if s == "mat" else (h, d) for s in self.spec.state]
+
+    def forward(
+        self, x: torch.Tensor, done: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, State]:
+        T, B = x.shape[:2]
+        head = (self.num_heads, self.spec.gates) if self.spec.gates else (self.num_heads,)
+        inputs = []
+        for (name, act), part in zip(
+            self.spec.fields, self.slow(x).split(self.widths, dim=-1), strict=True
+        ):
+            last = 1 if _is_scalar(name) else self.head_dim
+            inputs.append(_ACTIVATIONS[act](part.reshape(T, B, *head, last)))
+        y, state = self._recur(inputs, done, state)
+        return self.out(y.reshape(T, B, -1)), state
+
+    def _recur(self, inputs: list[torch.Tensor], done: torch.Tensor, state: State):
+        if self.kind in ("lt", "delta"):
+            if self.state_grad == "none":
+                beta = inputs[3] if self.kind == "delta" else None
+                y, W = _detached_state_step(*inputs[:3], beta, done, state[0])
+            elif self.kind == "lt":
+                y, W = fw.linear_attention(*inputs, done, state[0], impl=self.impl)
+            else:
+                y, W = fw.delta_rule(*inputs, done, state[0], impl=self.impl)
+            return y, (W,)
+        if self.kind == "rdn":
+            inputs = [*inputs, self.Rq, self.Rk, self.Rv, self.rb]
+        fn = getattr(fw, self.kind)
+        return fn(*inputs, done, state, impl=self.impl, state_grad=self.state_grad)
+
+
+class FWPCore(nn.Module):
+    """A stack of pre-LN fast-weight layers with feed-forward blocks; output ``hidden_size``."""
+
+    def __init__(
+        self,
+        kind: str,
+        input_size: int,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        head_dim: int = 32,
+        ff_size: int = 512,
+        dropout: float = 0.0,
+        state_grad: str = "full",
+        impl: str = "fast",
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.input_size = input_size
+        self.output_size = hidden_size
+        self.input_proj = nn.Linear(input_size, hidden_size)
+        self.norms1 = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(num_layers))
+        self.fwps = nn.ModuleList(
+            FastWeightLayer(kind, hidden_size, num_heads, head_dim, state_grad, impl)
+            for _ in range(num_layers)
+        )
+        self.norms2 = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(num_layers))
+        self.ffs = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(hidden_size, ff_size),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(ff_size, hidden_size),
+            )
+            for _ in range(num_layers)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self._per_layer = len(self.fwps[0].state_shapes())
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        return tuple(
+            torch.zeros(batch_size, *shape, device=device)
+            for layer in self.fwps
+            for shape in layer.state_shapes()
+        )
+
+    def forward(
+        self, x: torch.Tensor, done: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, State]:
+        x = self.input_proj(x)
+        new_state: list[torch.Tensor] = []
+        n = self._per_layer
+        for i, (norm1, fwp, norm2, ff) in enumerate(
+            zip(self.norms1, self.fwps, self.norms2, self.ffs, strict=True)
+        ):
+            y, layer_state = fwp(norm1(x), done, state[i * n : (i + 1) * n])
+            x = x + self.dropout(y)
+            x = x + self.dropout(ff(norm2(x)))
+            new_state.extend(layer_state)
+        return x, tuple(new_state)

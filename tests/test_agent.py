@@ -1,0 +1,145 @@
+"""Torso and ActorCritic: sizes, core inputs, act == unroll, bf16."""
+
+import pytest
+import torch
+from torch import nn
+
+from agents import ActorCritic, build_agent, make_torso
+
+SMALL_FWP = {"hidden_size": 16, "num_heads": 2, "head_dim": 4, "ff_size": 24}
+T, B, A = 6, 3, 5
+
+
+def test_torso_sizes():
+    impala = make_torso("impala", (4, 84, 84))
+    assert sum(p.numel() for p in impala.parameters()) == 1_089_232
+    assert impala.output_size == 256
+    nature = make_torso("nature", (4, 84, 84))
+    assert nature.output_size == 512
+    obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
+    assert impala(obs).shape == (2, 256) and nature(obs).shape == (2, 512)
+    assert make_torso("mlp", (3, 2))(torch.zeros(5, 3, 2)).shape == (5, 256)
+
+
+def test_torso_scales_uint8_pixels():
+    torso = make_torso("mlp", (3,))
+    pixels = torch.tensor([[0, 128, 255]], dtype=torch.uint8)
+    torch.testing.assert_close(torso(pixels), torso(pixels.float() / 255))
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "message"),
+    [
+        ("resnet", (4, 84, 84), "valid torsos: impala, nature, mlp"),
+        ("impala", (84, 84), "needs obs_shape [C, H, W]"),
+        ("nature", (4, 0, 84), "obs_shape must be positive ints"),
+        ("nature", (4, 20, 20), "too small for torso 'nature'"),
+    ],
+)
+def test_bad_torso(name, shape, message):
+    with pytest.raises(ValueError, match="^[^\n]*$") as info:
+        make_torso(name, shape)
+    assert message in str(info.value)
+
+
+def rollout(obs_shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randint(0, 256, (T, B, *obs_shape), dtype=torch.uint8, generator=g)
+    reward = torch.randn(T, B, generator=g) * 3
+    done = torch.zeros(T, B, dtype=torch.bool)
+    done[0, 1] = done[2, 0] = done[4, 0] = done[4, 2] = True
+    prev_action = torch.randint(0, A, (T, B), generator=g)
+    return obs, reward, done, prev_action
+
+
+@pytest.mark.parametrize(
+    ("torso", "obs_shape", "core", "kwargs"),
+    [
+        ("mlp", (7,), "delta", SMALL_FWP),
+        ("mlp", (7,), "delta_lstm", SMALL_FWP),
+        ("mlp", (7,), "lstm", {"hidden_size": 8}),
+        ("impala", (4, 84, 84), "rdn", SMALL_FWP),
+    ],
+)
+def test_act_step_by_step_equals_unroll(torso, obs_shape, core, kwargs):
+    torch.manual_seed(0)
+    agent = build_agent(torso, core, obs_shape, A, core_kwargs=kwargs, prev_action=True)
+    obs, reward, done, prev_action = rollout(obs_shape)
+    warm = agent.initial_state(B)
+    with torch.no_grad():  # a non-zero state before the unroll
+        _, _, warm = agent(obs, reward, torch.zeros_like(done), prev_action, warm)
+    logits, value, end = agent.unroll(obs, reward, done, prev_action, warm)
+    state = warm
+    for t in range(T):
+        action, step_logits, step_value, state = agent.act(
+            obs[t], reward[t], done[t], prev_action[t], state
+        )
+        assert action.shape == (B,) and action.dtype == torch.int64
+        assert ((action >= 0) & (action < A)).all()
+        torch.testing.assert_close(step_logits, logits[t], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step_value, value[t], rtol=1e-5, atol=1e-5)
+    for a, b in zip(state, end, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (T, B, A) and value.shape == (T, B)
+    assert logits.requires_grad and not step_logits.requires_grad
+
+
+class RecordingCore(nn.Module):
+    """y = x, remembering its input, to inspect what the agent feeds the core."""
+
+    def __init__(self, input_size):
+        super().__init__()
+        self.input_size = self.output_size = input_size
+
+    def initial_state(self, batch_size, device=None):
+        return ()
+
+    def forward(self, x, done, state):
+        self.seen = x
+        return x, state
+
+
+@pytest.mark.parametrize("prev_action", [False, True])
+def test_core_input_is_features_clamped_reward_and_one_hot(prev_action):
+    torso = make_torso("mlp", (7,))
+    core = RecordingCore(256 + 1 + (A if prev_action else 0))
+    agent = ActorCritic(torso, core, A, prev_action=prev_action)
+    obs, reward, done, actions = rollout((7,))
+    agent(obs, reward, done, actions, ())
+    seen = core.seen
+    torch.testing.assert_close(seen[..., :256], torso(obs.view(T * B, 7)).view(T, B, 256))
+    torch.testing.assert_close(seen[..., 256], reward.clamp(-1, 1))
+    assert reward.abs().max() > 1  # the clamp was exercised
+    if prev_action:
+        assert torch.equal(seen[..., 257:].argmax(-1), actions)
+        assert torch.equal(seen[..., 257:].sum(-1), torch.ones(T, B))
+
+
+def test_greedy_act_takes_argmax():
+    agent = build_agent("mlp", "ff", (7,), A)
+    obs, reward, done, actions = rollout((7,))
+    action, logits, _, state = agent.act(obs[0], reward[0], done[0], actions[0], (), greedy=True)
+    assert torch.equal(action, logits.argmax(-1)) and state == ()
+
+
+def test_mismatched_core_is_rejected():
+    torso = make_torso("mlp", (7,))
+    with pytest.raises(ValueError, match="core input_size is 300 but torso"):
+        ActorCritic(torso, RecordingCore(300), A)
+    with pytest.raises(ValueError, match="num_actions must be a positive int"):
+        build_agent("mlp", "ff", (7,), 0)
+
+
+def test_bf16_torso_runs_and_is_close():
+    torch.manual_seed(0)
+    f32 = build_agent("impala", "lstm", (4, 84, 84), A)
+    bf16 = build_agent("impala", "lstm", (4, 84, 84), A, bf16=True)
+    bf16.load_state_dict(f32.state_dict())
+    obs, reward, done, actions = rollout((4, 84, 84))
+    with torch.no_grad():
+        logits, value, _ = f32(obs, reward, done, actions, f32.initial_state(B))
+        logits16, value16, _ = bf16(obs, reward, done, actions, bf16.initial_state(B))
+    assert logits16.dtype == torch.float32
+    assert not torch.equal(logits, logits16)  # bf16 really ran
+    torch.testing.assert_close(logits16, logits, rtol=0, atol=0.02)
+    torch.testing.assert_close(value16, value, rtol=0, atol=0.02)
