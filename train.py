@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from runners.config import ConfigError, build_config, help_text
+from runners.trainer import resolve_config, run_training
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,12 +25,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = build_config(args.config, args.overrides)
+        cfg = resolve_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
-    from runners.trainer import run_training
-
     return run_training(cfg)
 
 

@@ -1,0 +1,146 @@
+"""The learner step (DESIGN §5): V-trace actor-critic losses, optimizer, lr decay, clipping.
+
+Batches follow DESIGN §2: the agent is unrolled over all T+1 steps from the rollout's initial
+state; outputs 0..T-1 are scored against the batch's indices 1..T and value[T] bootstraps.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from runners import vtrace
+from runners.config import LearnerConfig
+from runners.rollout import Batch
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive updates had a non-finite loss or gradient."""
+
+
+class Learner:
+    """Owns the optimizer and the step counter; `update` trains on one batch."""
+
+    def __init__(
+        self, agent: torch.nn.Module, cfg: LearnerConfig, total_steps: int, device: torch.device
+    ) -> None:
+        self.agent = agent
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.device = device
+        params = list(agent.parameters())
+        if cfg.optimizer == "rmsprop":
+            self.optimizer = torch.optim.RMSprop(
+                params,
+                lr=cfg.learning_rate,
+                alpha=cfg.rmsprop_alpha,
+                eps=cfg.rmsprop_eps,
+                momentum=cfg.momentum,
+            )
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.rmsprop_eps)
+        self.steps = 0  # agent steps consumed (T x B per update)
+        self.updates = 0  # successful optimizer steps = policy version
+        self.nonfinite_in_a_row = 0
+        self.skipped_updates = 0
+
+    def learning_rate(self) -> float:
+        if self.cfg.lr_schedule == "constant":
+            return self.cfg.learning_rate
+        return self.cfg.learning_rate * max(0.0, 1.0 - self.steps / self.total_steps)
+
+    def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Forward pass and the three losses (summed over T x B, as in the paper)."""
+        cfg = self.cfg
+        logits, values, _ = self.agent(
+            batch.obs, batch.reward, batch.done, batch.action, batch.initial_state
+        )
+        target_logits, learner_values, bootstrap = logits[:-1], values[:-1], values[-1]
+        actions = batch.action[1:]
+        rewards = batch.reward[1:]
+        if cfg.reward_clip > 0:
+            rewards = rewards.clamp(-cfg.reward_clip, cfg.reward_clip)
+        discounts = (~batch.done[1:]).float() * cfg.gamma
+        vt = vtrace.from_logits(
+            behaviour_logits=batch.logits[1:],
+            target_logits=target_logits.detach(),
+            actions=actions,
+            discounts=discounts,
+            rewards=rewards,
+            values=learner_values.detach(),
+            bootstrap_value=bootstrap.detach(),
+            clip_rho_threshold=cfg.clip_rho,
+            clip_pg_rho_threshold=cfg.clip_pg_rho,
+            lambda_=cfg.lambda_,
+        )
+        log_probs = F.log_softmax(target_logits, dim=-1)
+        action_log_probs = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        pg = -(action_log_probs * vt.pg_advantages).sum()
+        baseline = cfg.baseline_cost * 0.5 * (vt.vs - learner_values).pow(2).sum()
+        entropy = cfg.entropy_cost * (log_probs.exp() * log_probs).sum()
+        rhos = vt.log_rhos.exp()
+        return {
+            "losses/pg": pg,
+            "losses/baseline": baseline,
+            "losses/entropy": entropy,
+            "losses/total": pg + baseline + entropy,
+            "vtrace/mean_rho": rhos.mean(),
+            "vtrace/clipped_rho_fraction": (rhos > cfg.clip_rho).float().mean(),
+            "vtrace/mean_vs": vt.vs.mean(),
+            "vtrace/mean_advantage": vt.pg_advantages.mean(),
+        }
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One optimizer step; a non-finite loss or gradient skips it (DESIGN §7)."""
+        lr = self.learning_rate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        metrics = self.losses(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["losses/total"].backward()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.agent.parameters(), clip)
+        # The one host sync per update: skipping needs a Python decision.
+        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(metrics["losses/total"]))
+        lag = self.updates - batch.version.to(torch.float32)
+        self.steps += (batch.reward.shape[0] - 1) * batch.reward.shape[1]
+        if finite:
+            self.optimizer.step()
+            self.updates += 1
+            self.nonfinite_in_a_row = 0
+        else:
+            self.skipped_updates += 1
+            self.nonfinite_in_a_row += 1
+            log.warning(
+                "non-finite loss or gradient: update skipped (%d in a row)", self.nonfinite_in_a_row
+            )
+            if self.nonfinite_in_a_row >= self.cfg.max_nan_updates:
+                raise NonFiniteError(
+                    f"{self.nonfinite_in_a_row} non-finite updates in a row; stopping"
+                )
+        metrics.update(
+            {
+                "losses/grad_norm": grad_norm.detach(),
+                "charts/learning_rate": torch.tensor(lr),
+                "perf/policy_lag": lag.mean(),
+            }
+        )
+        return {k: v.detach() for k, v in metrics.items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "steps": self.steps,
+            "updates": self.updates,
+            "skipped_updates": self.skipped_updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
+        self.updates = int(state["updates"])
+        self.skipped_updates = int(state["skipped_updates"])

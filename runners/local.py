@@ -1,0 +1,310 @@
+"""Rollout backends on one machine: `local` (actor processes) and `sync` (one process).
+
+Both hand the trainer whole learner batches and take the learner's weights back, so the
+trainer does not care where acting happens.
+
+Local backend protocol: every actor owns a fixed set of rollout slots and talks to the
+learner through its own pipe (slot numbers in, `(slot, timings)` out). A pipe per actor means a
+crashed or killed actor can break nothing but its own channel; the supervisor then restarts it
+with a fresh seed and hands its unfinished slots to the new process.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import logging
+import math
+import signal
+import time
+import traceback
+from multiprocessing.connection import wait
+
+import torch
+import torch.multiprocessing as mp
+
+from runners.actor import RolloutWorker, SharedWeights
+from runners.config import Config, from_dict, to_dict
+from runners.factory import EnvInfo, make_agent, make_env
+from runners.rollout import Batch, RolloutBuffers, RolloutSpec
+
+log = logging.getLogger(__name__)
+
+SEED_STRIDE = 10_007  # actors' env seeds must not overlap
+
+
+class BackendError(RuntimeError):
+    """A component of the runtime failed; the message carries its traceback."""
+
+
+def slots_per_actor(cfg: Config, spec: RolloutSpec) -> int:
+    """Enough slots that actors keep acting while the learner holds one batch."""
+    per_batch = cfg.learner.batch_size // spec.num_envs
+    total = cfg.runtime.num_buffers or 2 * per_batch + cfg.runtime.num_actors
+    return max(2, math.ceil(total / cfg.runtime.num_actors))
+
+
+def _die_with_parent() -> None:
+    """Linux: deliver SIGTERM to this process when its parent dies (no orphans)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _send(conn, message) -> None:
+    """Send on a pipe whose other end may be gone (the supervisor deals with dead actors)."""
+    if conn is not None:
+        with contextlib.suppress(OSError):
+            conn.send(message)
+
+
+def actor_main(
+    actor_id: int,
+    cfg_dict: dict,
+    info: EnvInfo,
+    buffers: RolloutBuffers,
+    weights: SharedWeights,
+    conn,
+    seed: int,
+) -> None:
+    """Entry point of an actor process: fill the slots the learner sends until told to stop."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner coordinates shutdown
+    try:
+        cfg = from_dict(cfg_dict)
+        torch.set_num_threads(cfg.runtime.actor_threads)
+        torch.manual_seed(seed)
+        env = make_env(cfg, buffers.spec.num_envs, seed)
+        agent = make_agent(cfg, info)
+        agent.eval()
+        version = weights.load_into(agent) or 0
+        worker = RolloutWorker(env, agent, buffers, seed)
+        while True:
+            slot = conn.recv()
+            if slot is None:
+                break
+            if weights.latest_version() > version:
+                version = weights.load_into(agent) or version
+            start = time.perf_counter()
+            worker.fill(slot, version)
+            elapsed = time.perf_counter() - start
+            conn.send(("rollout", slot, elapsed, worker.env_seconds, worker.inference_seconds))
+            worker.env_seconds = worker.inference_seconds = 0.0
+        env.close()
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the learner is gone or stopping
+    except BaseException:
+        _send(conn, ("error", traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+class _Actor:
+    """The learner's view of one actor process."""
+
+    def __init__(self, actor_id: int, slots: list[int]) -> None:
+        self.actor_id = actor_id
+        self.slots = slots
+        self.outstanding: set[int] = set()
+        self.process = None
+        self.conn = None
+        self.last_seen = time.monotonic()
+        self.restarts = 0
+
+
+class LocalBackend:
+    """Actor processes writing shared-memory slots; the learner stacks them into batches."""
+
+    def __init__(self, cfg: Config, info: EnvInfo, spec: RolloutSpec, agent: torch.nn.Module):
+        self.cfg = cfg
+        self.info = info
+        self.spec = spec
+        self.ctx = mp.get_context("spawn")
+        per_actor = slots_per_actor(cfg, spec)
+        self.buffers = RolloutBuffers(spec, per_actor * cfg.runtime.num_actors)
+        self.weights = SharedWeights(agent.state_dict())
+        self.slots_per_batch = cfg.learner.batch_size // spec.num_envs
+        self.ready: collections.deque[tuple[int, int]] = collections.deque()
+        self.actors = [
+            _Actor(i, list(range(i * per_actor, (i + 1) * per_actor)))
+            for i in range(cfg.runtime.num_actors)
+        ]
+        self.dropped_rollouts = 0
+        self.timings = collections.Counter()
+        self._seed_counter = 0
+        for actor in self.actors:
+            self._start(actor)
+
+    def _next_seed(self, actor_id: int) -> int:
+        self._seed_counter += 1
+        return self.cfg.seed + SEED_STRIDE * (actor_id + 1) + 7919 * self._seed_counter
+
+    def _start(self, actor: _Actor) -> None:
+        parent_conn, child_conn = self.ctx.Pipe()
+        actor.process = self.ctx.Process(
+            target=actor_main,
+            args=(
+                actor.actor_id,
+                to_dict(self.cfg),
+                self.info,
+                self.buffers,
+                self.weights,
+                child_conn,
+                self._next_seed(actor.actor_id),
+            ),
+            name=f"deltabeast-actor-{actor.actor_id}",
+            daemon=True,
+        )
+        actor.process.start()
+        child_conn.close()
+        actor.conn = parent_conn
+        actor.last_seen = time.monotonic()
+        actor.outstanding = set(actor.slots) - {slot for _, slot in self.ready}
+        for slot in sorted(actor.outstanding):
+            parent_conn.send(slot)
+
+    def _restart(self, actor: _Actor, reason: str) -> None:
+        log.warning("actor %d %s; restarting it with a fresh seed", actor.actor_id, reason)
+        self._stop_process(actor, grace_s=1.0)
+        actor.restarts += 1
+        self._start(actor)
+
+    def _stop_process(self, actor: _Actor, grace_s: float) -> None:
+        _send(actor.conn, None)
+        process = actor.process
+        if process is not None:
+            process.join(grace_s)
+            if process.is_alive():
+                process.terminate()
+                process.join(2.0)
+            if process.is_alive():
+                process.kill()
+                process.join(2.0)
+        if actor.conn is not None:
+            actor.conn.close()
+            actor.conn = None
+
+    def _receive(self, actor: _Actor) -> None:
+        try:
+            message = actor.conn.recv()
+        except (EOFError, OSError):
+            code = actor.process.exitcode if actor.process else None
+            self._restart(actor, f"exited (exit code {code})")
+            return
+        actor.last_seen = time.monotonic()
+        if message[0] == "error":
+            raise BackendError(f"actor {actor.actor_id} failed:\n{message[1]}")
+        _, slot, total_s, env_s, inference_s = message
+        actor.outstanding.discard(slot)
+        self.timings["actor_rollout_s"] += total_s
+        self.timings["actor_env_s"] += env_s
+        self.timings["actor_inference_s"] += inference_s
+        self.ready.append((actor.actor_id, slot))
+
+    def _supervise(self) -> None:
+        now = time.monotonic()
+        for actor in self.actors:
+            if not actor.process.is_alive() and not actor.conn.poll():
+                self._restart(actor, f"died (exit code {actor.process.exitcode})")
+            elif now - actor.last_seen > self.cfg.runtime.actor_timeout_s:
+                self._restart(actor, f"sent nothing for {now - actor.last_seen:.0f} s (hung)")
+
+    def _give_back(self, actor_id: int, slot: int) -> None:
+        actor = self.actors[actor_id]
+        actor.outstanding.add(slot)
+        _send(actor.conn, slot)  # if the actor is gone, its restart re-sends the slot
+
+    def next_batch(self, timeout_s: float = 1.0) -> Batch | None:
+        """The next learner batch, or None if none was ready within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.ready) < self.slots_per_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._supervise()
+                return None
+            conns = {a.conn: a for a in self.actors}
+            for conn in wait(list(conns), timeout=min(remaining, 0.5)):
+                self._receive(conns[conn])
+            self._supervise()
+        taken = [self.ready.popleft() for _ in range(self.slots_per_batch)]
+        max_lag = self.cfg.runtime.max_policy_lag
+        if max_lag:
+            newest = self.weights.latest_version()
+            stale = [t for t in taken if newest - int(self.buffers.version[t[1]]) > max_lag]
+            if stale:
+                self.dropped_rollouts += len(stale)
+                for actor_id, slot in stale:
+                    self._give_back(actor_id, slot)
+                self.ready.extendleft(reversed([t for t in taken if t not in stale]))
+                return None
+        batch = self.buffers.batch([slot for _, slot in taken])
+        for actor_id, slot in taken:
+            self._give_back(actor_id, slot)
+        return batch
+
+    def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        self.weights.publish(state_dict, version)
+
+    def restarts(self) -> int:
+        return sum(a.restarts for a in self.actors)
+
+    def pids(self) -> list[int]:
+        return [a.process.pid for a in self.actors if a.process is not None]
+
+    def close(self) -> None:
+        for actor in self.actors:
+            _send(actor.conn, None)
+        deadline = time.monotonic() + 5.0
+        for actor in self.actors:
+            if actor.process is not None:
+                actor.process.join(max(0.0, deadline - time.monotonic()))
+            self._stop_process(actor, grace_s=0.0)
+
+
+class SyncBackend:
+    """The same workers in the learner's process, acting and learning in turn (debugging, tests)."""
+
+    def __init__(self, cfg: Config, info: EnvInfo, spec: RolloutSpec, agent: torch.nn.Module):
+        self.slots_per_batch = cfg.learner.batch_size // spec.num_envs
+        self.buffers = RolloutBuffers(spec, self.slots_per_batch, shared=False)
+        self.actor_agent = make_agent(cfg, info)
+        self.actor_agent.load_state_dict(agent.state_dict())
+        self.actor_agent.eval()
+        self.version = 0
+        self.workers = [
+            RolloutWorker(
+                make_env(cfg, spec.num_envs, cfg.seed + SEED_STRIDE * (i + 1)),
+                self.actor_agent,
+                self.buffers,
+                cfg.seed + SEED_STRIDE * (i + 1),
+            )
+            for i in range(cfg.runtime.num_actors)
+        ]
+        self.next_worker = 0
+        self.dropped_rollouts = 0
+        self.timings = collections.Counter()
+
+    def next_batch(self, timeout_s: float = 1.0) -> Batch:
+        for slot in range(self.slots_per_batch):
+            worker = self.workers[self.next_worker]
+            self.next_worker = (self.next_worker + 1) % len(self.workers)
+            start = time.perf_counter()
+            worker.fill(slot, self.version)
+            self.timings["actor_rollout_s"] += time.perf_counter() - start
+            self.timings["actor_env_s"] += worker.env_seconds
+            self.timings["actor_inference_s"] += worker.inference_seconds
+            worker.env_seconds = worker.inference_seconds = 0.0
+        return self.buffers.batch(list(range(self.slots_per_batch)))
+
+    def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        self.actor_agent.load_state_dict(state_dict)
+        self.version = version
+
+    def restarts(self) -> int:
+        return 0
+
+    def pids(self) -> list[int]:
+        return []
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.env.close()

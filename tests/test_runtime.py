@@ -1,0 +1,164 @@
+"""Rollout/learner contract (DESIGN §2): indices, carry-over, replay equals acting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runners.config import build_config
+from runners.factory import make_agent, probe_env, rollout_spec
+from runners.learner import Learner
+from runners.local import LocalBackend, SyncBackend
+
+LENGTH = 7  # counting-env episode length: resets land inside and across rollouts
+T = 5
+
+
+def counting_config(core: str, backend: str = "sync", lr: float = 0.0, **extra):
+    overrides = {
+        "env.kind": "gym",
+        "env.id": "deltabeast-test/Counting-v0",
+        "env.module": "tests.counting_env",
+        "env.num_envs": 4,
+        "env.kwargs": {"length": LENGTH},
+        "agent.torso": "mlp",
+        "agent.core": core,
+        "agent.prev_action": True,
+        "core.num_layers": 1,
+        "core.hidden_size": 16,
+        "core.num_heads": 2,
+        "core.head_dim": 4,
+        "core.ff_size": 16,
+        "learner.unroll_length": T,
+        "learner.batch_size": 4,
+        "learner.learning_rate": lr,
+        "learner.lr_schedule": "constant",
+        "runtime.backend": backend,
+        "runtime.num_actors": 2,
+        "runtime.total_steps": 10_000,
+        **extra,
+    }
+    return build_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def build(cfg):
+    torch.manual_seed(0)
+    info = probe_env(cfg)
+    agent = make_agent(cfg, info)
+    spec = rollout_spec(cfg, info, agent)
+    return info, agent, spec
+
+
+def check_indices(batch) -> int:
+    """Rewards, dones and actions sit where DESIGN §2 says; returns the resets inside."""
+    counter = batch.obs[:, :, 0, 0, 0].long()
+    seen_action = batch.obs[:, :, 0, 0, 1].long()
+    done = batch.done
+    assert torch.equal(done, counter == 0)
+    # reward at t arrived with obs t: the counter, or LENGTH on the step that ended the episode
+    expected_reward = torch.where(done, torch.full_like(counter, LENGTH), counter).float()
+    assert torch.equal(batch.reward[1:], expected_reward[1:])
+    # action at t was taken at obs t-1; the env echoes it (+100) in obs t unless obs t is a reset
+    live = ~done[1:]
+    assert torch.equal((batch.action[1:] + 100)[live], seen_action[1:][live])
+    assert live.any()
+    return int(done[1:].sum())
+
+
+@pytest.mark.parametrize("core", ["delta", "rdn", "lstm"])
+def test_sync_batches_follow_the_contract_and_replay_exactly(core):
+    cfg = counting_config(core)
+    info, agent, spec = build(cfg)
+    backend = SyncBackend(cfg, info, spec, agent)
+    learner = Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu"))
+    previous, resets = None, 0
+    try:
+        for _ in range(4):  # several rollouts: carry-over and resets across boundaries
+            batch = backend.next_batch()
+            assert batch.obs.shape == (T + 1, 4, 1, 4, 4)
+            resets += check_indices(batch)
+            if previous is not None:
+                # the sync backend alternates two workers of 2 envs; each slot continues its own
+                for name in ("obs", "reward", "done", "action", "logits"):
+                    assert torch.equal(getattr(batch, name)[0], getattr(previous, name)[T])
+            with torch.no_grad():
+                logits, _, _ = agent(
+                    batch.obs, batch.reward, batch.done, batch.action, batch.initial_state
+                )
+            torch.testing.assert_close(logits[:-1], batch.logits[1:], atol=1e-5, rtol=1e-5)
+            stats = learner.update(batch)
+            assert abs(float(stats["vtrace/mean_rho"]) - 1.0) < 1e-4
+            backend.publish(agent.state_dict(), learner.updates)
+            previous = batch
+    finally:
+        backend.close()
+    assert resets >= 4
+
+
+def test_learner_step_moves_weights_and_lowers_loss():
+    cfg = counting_config("delta", lr=1e-3, **{"learner.optimizer": "adam"})
+    info, agent, spec = build(cfg)
+    backend = SyncBackend(cfg, info, spec, agent)
+    batch = backend.next_batch()
+    backend.close()
+    learner = Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu"))
+    before = [p.detach().clone() for p in agent.parameters()]
+    first = float(learner.update(batch)["losses/total"])
+    for _ in range(30):
+        last = float(learner.update(batch)["losses/total"])
+    assert last < first
+    assert any(not torch.equal(a, b) for a, b in zip(before, agent.parameters(), strict=True))
+    assert learner.steps == 31 * T * 4 and learner.updates == 31
+
+
+def test_nonfinite_update_is_skipped():
+    cfg = counting_config("lstm", lr=1e-3, **{"learner.max_nan_updates": 2})
+    info, agent, spec = build(cfg)
+    backend = SyncBackend(cfg, info, spec, agent)
+    batch = backend.next_batch()
+    backend.close()
+    learner = Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu"))
+    before = [p.detach().clone() for p in agent.parameters()]
+    batch.reward[1:] = float("nan")
+    cfg.learner.reward_clip = 0.0
+    learner.update(batch)
+    assert learner.updates == 0 and learner.skipped_updates == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, agent.parameters(), strict=True))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        learner.update(batch)
+
+
+@pytest.mark.timeout(120)
+def test_local_backend_batches_and_restarts_a_killed_actor():
+    cfg = counting_config("delta", backend="local", **{"runtime.actor_timeout_s": 60.0})
+    info, agent, spec = build(cfg)
+    backend = LocalBackend(cfg, info, spec, agent)
+    try:
+        batches = []
+        while len(batches) < 3:
+            batch = backend.next_batch(timeout_s=30.0)
+            if batch is not None:
+                check_indices(batch)
+                batches.append(batch)
+        with torch.no_grad():
+            logits, _, _ = agent(
+                batch.obs, batch.reward, batch.done, batch.action, batch.initial_state
+            )
+        torch.testing.assert_close(logits[:-1], batch.logits[1:], atol=1e-5, rtol=1e-5)
+        victim = backend.actors[0].process
+        victim.kill()
+        victim.join(5)
+        got = 0
+        for _ in range(60):
+            if backend.next_batch(timeout_s=1.0) is not None:
+                got += 1
+            if got >= 4 and backend.restarts() >= 1:
+                break
+        assert backend.restarts() == 1 and got >= 4
+        assert backend.actors[0].process.is_alive()
+    finally:
+        pids = backend.pids()
+        backend.close()
+    import psutil
+
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
