@@ -289,7 +289,7 @@ def run_training(cfg: Config) -> int:
     """Entry point used by train.py."""
     try:
         return Trainer(cfg).run()
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     finally:
