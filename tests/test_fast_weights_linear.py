@@ -200,3 +200,5 @@ def test_bad_shapes_are_rejected():
         _run("lt", {**inputs, "W": inputs["W"][:1]}, "fast")
     with pytest.raises(ValueError, match="done must be"):
         _run("lt", {**inputs, "done": inputs["done"].float()}, "fast")
+    with pytest.raises(ValueError, match="at least one step"):
+        _run("lt", _slice(inputs, 0, 0, inputs["W"]), "fast")

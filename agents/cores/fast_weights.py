@@ -14,7 +14,8 @@ from agents.cores.recurrent_fast_weights import delta_lstm, delta_rnn, rdn
 __all__ = ["IMPLS", "delta_lstm", "delta_rnn", "delta_rule", "linear_attention", "phi", "rdn"]
 
 IMPLS = ("reference", "fast")
-# Fastest at the paper's unroll (T=50/51, B=32, H=4, d=32) on a 2-core CPU: one chunk per unroll.
+# Steps per chunk of the fast path. At the paper's unroll (T=50/51, B=32, H=4, d=32) on a 2-core
+# CPU one chunk per unroll was fastest; longer unrolls are split to bound the O(C²) chunk tensors.
 CHUNK_SIZE = 64
 
 
@@ -37,6 +38,8 @@ def _check(
         )
     T, B, H, dk = q.shape
     dv = v.shape[-1]
+    if T == 0:
+        raise ValueError("the unroll must have at least one step (T >= 1); got T=0")
     if beta is not None and beta.shape != (T, B, H, 1):
         raise ValueError(f"beta must be {(T, B, H, 1)}; got {tuple(beta.shape)}")
     if done.shape != (T, B) or done.dtype != torch.bool:
@@ -96,9 +99,8 @@ def _chunked(
         done = F.pad(done, (0, 0, 0, pad))
     seg = done.view(n_chunks, C, B).transpose(1, 2).cumsum(-1)  # [N,B,C] segment id in the chunk
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    same = ((seg[..., :, None] == seg[..., None, :]) & causal).to(q.dtype)[
-        :, :, None
-    ]  # [N,B,1,C,C]
+    same = (seg[..., :, None] == seg[..., None, :]) & causal  # [N,B,C,C]: s ≤ t, one segment
+    same = same.to(q.dtype)[:, :, None]  # [N,B,1,C,C]
     sees_w0 = (seg == 0).to(q.dtype)[:, :, None, :, None]  # [N,B,1,C,1]
     in_last = (seg == seg[..., -1:]).to(q.dtype)[:, :, None, :, None]  # [N,B,1,C,1]
     scores = (Q @ K.mT) * same  # [N,B,H,C,C]: q_t·k_s over the steps s that t can see
@@ -134,6 +136,7 @@ def _dispatch(
     impl: str,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
+    """Validate the arguments and run the chosen implementation."""
     _check(q, k, v, beta, done, W, impl)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
