@@ -105,6 +105,9 @@ class RuntimeConfig:
     total_steps: int = _key(
         10_000_000, "agent steps to train for (1 step = frameskip frames)", minimum=1
     )
+    time_limit_s: float = _key(
+        0.0, "stop after this many seconds of training (0: no limit)", minimum=0.0
+    )
     num_actors: int = _key(2, "actor processes", minimum=1)
     device: str = _key("auto", "learner device", choices=("auto", "cpu", "cuda"))
     learner_threads: int = _key(

@@ -244,9 +244,13 @@ class Trainer:
         last_log = last_ckpt = time.monotonic()
         wait_s = learn_s = 0.0
         steps_at_log = self.learner.steps
+        deadline = time.monotonic() + cfg.runtime.time_limit_s if cfg.runtime.time_limit_s else None
         while self.learner.steps < cfg.runtime.total_steps:
             if stop.reason is not None:
                 log.info("%s received: stopping", stop.reason)
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                log.info("runtime.time_limit_s reached: stopping")
                 break
             start = time.perf_counter()
             batch = backend.next_batch(timeout_s=1.0)
