@@ -86,7 +86,7 @@ def _is_scalar(field: str) -> bool:
     return field in ("beta", "rbeta")
 
 
-def _detached_state_step(
+def _detached_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -94,29 +94,63 @@ def _detached_state_step(
     done: torch.Tensor,
     W: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``linear_attention`` (beta None) / ``delta_rule`` with the state detached between steps.
+    """``linear_attention`` (beta None) / ``delta_rule`` one step at a time, W detached after
+    each step: the oracle of ``_detached_fast``."""
+    ys = []
+    for t in range(q.shape[0]):
+        step = (q[t : t + 1], k[t : t + 1], v[t : t + 1])
+        if beta is None:
+            y, W = fw.linear_attention(*step, done[t : t + 1], W, impl="reference")
+        else:
+            y, W = fw.delta_rule(*step, beta[t : t + 1], done[t : t + 1], W, impl="reference")
+        ys.append(y)
+        W = W.detach()
+    return torch.cat(ys), W
 
-    Each step's gradient stops at the state it reads (as in ``recurrent_fast_weights``: the
-    initial state still gets step 0's gradient), so the steps are independent given the states:
-    the states are computed without autograd, then every step's write and read run batched over
-    T. Same numbers as the per-step loop that detaches W after each step.
+
+def _detached_fast(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None,
+    done: torch.Tensor,
+    W: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear_attention`` / ``delta_rule`` with the state detached between steps, in parallel.
+
+    Step t reads the state ``W_{t-1} = [no reset yet] W_0 + Σ_{s<t, same episode} k_sᵀ u_s``
+    (u = v, or the delta rule's pseudo-values from one unit-triangular solve, all detached):
+    ``y_t = q_t W_{t-1} + (q_t·k_t) w_t`` with the write ``w_t = v_t`` or
+    ``β_t (v_t − k_t W_{t-1})``. Gradients reach q, k, v, β of step t only, and W_0 through
+    step 0 only (as in ``recurrent_fast_weights``).
     """
-    keep = (~done).to(W.dtype)[:, :, None, None, None]
-    first = W * keep[0]
+    Q, K, V = (x.permute(1, 2, 0, 3) for x in (q, k, v))  # [B,H,T,d]
+    T = Q.shape[2]
+    seg = done.t().cumsum(-1)  # [B,T] episode index inside the unroll
+    before = torch.ones(T, T, dtype=torch.bool, device=q.device).tril(-1)
+    earlier = ((seg[:, :, None] == seg[:, None, :]) & before).to(q.dtype)[:, None]  # [B,1,T,T]
+    sees_w0 = (seg == 0).to(q.dtype)[:, None, :, None]  # [B,1,T,1]
+    W0 = W.detach()
     with torch.no_grad():
-        states = []
-        for t in range(q.shape[0]):
-            W = W * keep[t]
-            states.append(W)
-            write = v[t]
-            if beta is not None:
-                write = beta[t] * (write - torch.einsum("bhi,bhij->bhj", k[t], W))
-            W = W + torch.einsum("bhi,bhj->bhij", k[t], write)
-        states[0] = first
-    prev = torch.stack(states)  # [T,B,H,d,d], the state each step reads; only the first has grad
-    write = v if beta is None else beta * (v - torch.einsum("tbhi,tbhij->tbhj", k, prev))
-    y = torch.einsum("tbhi,tbhij->tbhj", q, prev) + (q * k).sum(-1, keepdim=True) * write
-    return y, W
+        if beta is None:
+            U = V.detach()
+        else:
+            Bt = beta.permute(1, 2, 0, 3)
+            A = (Bt * K) @ K.transpose(-1, -2) * earlier
+            rhs = Bt * (V - sees_w0 * (K @ W0))
+            U = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+        in_last = (seg == seg[:, -1:]).to(q.dtype)[:, None, :, None]
+        W_end = sees_w0[:, :, -1:] * W0 + (in_last * K).transpose(-1, -2) @ U
+    first = (W - W0) * (~done[0]).to(W.dtype)[:, None, None, None]  # zero, carries step 0's grad
+    Kd = K.detach()
+
+    def read(X: torch.Tensor) -> torch.Tensor:  # X_t W_{t-1} for every t
+        out = sees_w0 * (X @ W0) + (X @ Kd.transpose(-1, -2) * earlier) @ U
+        return torch.cat([out[:, :, :1] + X[:, :, :1] @ first, out[:, :, 1:]], dim=2)
+
+    write = V if beta is None else beta.permute(1, 2, 0, 3) * (V - read(K))
+    y = read(Q) + (Q * K).sum(-1, keepdim=True) * write
+    return y.permute(2, 0, 1, 3), W_end
 
 
 class FastWeightLayer(nn.Module):
@@ -173,7 +207,8 @@ class FastWeightLayer(nn.Module):
         if self.kind in ("lt", "delta"):
             if self.state_grad == "none":
                 beta = inputs[3] if self.kind == "delta" else None
-                y, W = _detached_state_step(*inputs[:3], beta, done, state[0])
+                detached = _detached_fast if self.impl == "fast" else _detached_reference
+                y, W = detached(*inputs[:3], beta, done, state[0])
             elif self.kind == "lt":
                 y, W = fw.linear_attention(*inputs, done, state[0], impl=self.impl)
             else:

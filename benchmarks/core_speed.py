@@ -1,0 +1,230 @@
+"""Speed and memory of every core at the paper's shapes; one JSON object per measurement.
+
+Sections (``--sections``, default all):
+  train   fwd+bwd ms over an unroll (T=50, B=32, input 257) per core, impl, state_grad, threads,
+          next to a bare ``nn.LSTM(257, 256)``
+  act     single-step latency (T=1, no_grad) at B=8 and B=32 per core and threads
+  memory  bytes saved for backward and peak RSS growth of one fwd+bwd, each config in a
+          fresh process
+  torso   IMPALA torso f32 vs bf16 autocast: inference and fwd+bwd ms, max abs feature diff
+
+Run with ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776``
+(as the Makefile does) so the allocator keeps buffers mapped, like training does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agents.cores import make_core  # noqa: E402
+from agents.torso import make_torso  # noqa: E402
+
+T, B, INPUT = 50, 32, 257
+FWP = ("lt", "delta", "delta_rnn", "rdn", "delta_lstm")
+SECTIONS = ("train", "act", "memory", "torso")
+
+
+def emit(**record: object) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return round(statistics.median(times), 3)
+
+
+def episode_starts(t: int, b: int) -> torch.Tensor:
+    """``done`` with a few episode starts inside the unroll, as a real rollout has."""
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(t, b, generator=g) < 0.01
+
+
+def train_step(core: nn.Module, x: torch.Tensor, done: torch.Tensor) -> Callable[[], None]:
+    state = core.initial_state(x.shape[1])
+
+    def step() -> None:
+        core.zero_grad(set_to_none=True)
+        y, _ = core(x, done, state)
+        y.sum().backward()
+
+    return step
+
+
+class BareLSTM(nn.Module):
+    """``nn.LSTM`` over the whole unroll without resets: the floor the LSTM core is held to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(INPUT, 256)
+
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        return ()
+
+    def forward(self, x: torch.Tensor, done: torch.Tensor, state: tuple) -> tuple:
+        return self.lstm(x)[0], state
+
+
+def train_configs() -> list[tuple[str, dict, Callable[[], nn.Module]]]:
+    configs: list[tuple[str, dict, Callable[[], nn.Module]]] = [
+        ("nn.LSTM", {}, BareLSTM),
+        ("lstm", {}, lambda: make_core("lstm", INPUT)),
+    ]
+    for name in FWP:
+        for impl, state_grad in (("fast", "full"), ("fast", "none"), ("reference", "full")):
+            opts = {"impl": impl, "state_grad": state_grad}
+            configs.append((name, opts, lambda n=name, o=opts: make_core(n, INPUT, **o)))
+    return configs
+
+
+def run_train(threads: list[int], repeats: int) -> None:
+    x = torch.randn(T, B, INPUT)
+    done = episode_starts(T, B)
+    for n in threads:
+        torch.set_num_threads(n)
+        for name, opts, build in train_configs():
+            torch.manual_seed(0)
+            ms = median_ms(train_step(build(), x, done), repeats)
+            emit(section="train", core=name, **opts, threads=n, T=T, B=B, fwd_bwd_ms=ms)
+
+
+def run_act(threads: list[int], repeats: int) -> None:
+    for n in threads:
+        torch.set_num_threads(n)
+        for name in ("ff", "lstm", *FWP):
+            core = make_core(name, INPUT)
+            for b in (8, 32):
+                x = torch.randn(1, b, INPUT)
+                done = torch.zeros(1, b, dtype=torch.bool)
+                state = core.initial_state(b)
+
+                @torch.no_grad()
+                def act(core=core, x=x, done=done, state=state) -> None:
+                    core(x, done, state)
+
+                ms = median_ms(act, repeats * 10, warmup=5)
+                emit(section="act", core=name, threads=n, B=b, act_ms=ms)
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(name: str, opts: dict) -> None:
+    """In a fresh process: bytes autograd saves for backward in one fwd+bwd of this config, and
+    that step's peak RSS growth (high-water mark reset through /proc/self/clear_refs)."""
+    torch.set_num_threads(1)
+    build = {(n, json.dumps(o)): f for n, o, f in train_configs()}[name, json.dumps(opts)]
+    step = train_step(build(), torch.randn(T, B, INPUT), episode_starts(T, B))
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _rss_kib("VmRSS")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    emit(
+        section="memory",
+        core=name,
+        **opts,
+        T=T,
+        B=B,
+        saved_for_backward_mib=round(sum(saved.values()) / 2**20, 1),
+        peak_rss_growth_mib=round((_rss_kib("VmHWM") - base) / 1024, 1),
+    )
+
+
+def run_memory() -> None:
+    for name, opts, _ in train_configs():
+        cmd = [sys.executable, __file__, "--memory-child", json.dumps([name, opts])]
+        subprocess.run(cmd, check=True)
+
+
+def run_torso(repeats: int) -> None:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    f32 = make_torso("impala", (4, 84, 84))
+    bf16 = make_torso("impala", (4, 84, 84), bf16=True)
+    bf16.load_state_dict(f32.state_dict())
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randint(0, 256, (T * B, 4, 84, 84), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        diff = (f32(obs[:256]) - bf16(obs[:256])).abs()
+        scale = f32(obs[:256]).abs().max()
+    emit(
+        section="torso",
+        what="accuracy",
+        max_abs_diff=round(diff.max().item(), 5),
+        mean_abs_diff=round(diff.mean().item(), 6),
+        max_abs_feature=round(scale.item(), 4),
+    )
+    for label, torso in (("f32", f32), ("bf16", bf16)):
+
+        @torch.no_grad()
+        def infer(torso=torso) -> None:
+            torso(obs[:32])
+
+        def train(torso=torso) -> None:
+            torso.zero_grad(set_to_none=True)
+            torso(obs).sum().backward()
+
+        emit(section="torso", what="inference", dtype=label, B=32, ms=median_ms(infer, repeats * 3))
+        emit(
+            section="torso",
+            what="fwd_bwd",
+            dtype=label,
+            N=T * B,
+            ms=median_ms(train, max(repeats // 2, 1), warmup=1),
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
+    parser.add_argument("--threads", default="1,2", help="thread counts for train and act")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*json.loads(args.memory_child))
+        return
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
+    threads = [int(n) for n in args.threads.split(",")]
+    if "train" in sections:
+        run_train(threads, args.repeats)
+    if "act" in sections:
+        run_act(threads, args.repeats)
+    if "memory" in sections:
+        run_memory()
+    if "torso" in sections:
+        run_torso(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
