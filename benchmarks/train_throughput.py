@@ -17,7 +17,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +25,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._common import median_seconds, random_batch  # noqa: E402
 from runners.config import CONFIG_DIR, Config, build_config  # noqa: E402
 from runners.factory import make_agent, make_env, probe_env  # noqa: E402
 from runners.learner import Learner  # noqa: E402
-from runners.rollout import Batch  # noqa: E402
 from runners.trainer import Trainer  # noqa: E402
 
 PRESETS = {
@@ -43,45 +42,21 @@ def emit(**record) -> None:
     print(json.dumps(record), flush=True)
 
 
-def timed(fn, seconds: float, warmup: int = 2) -> float:
-    """Median seconds per call of `fn` over about `seconds`."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 3:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def synthetic_batch(cfg: Config, info, agent) -> Batch:
-    t1, b = cfg.learner.unroll_length + 1, cfg.learner.batch_size
-    gen = torch.Generator().manual_seed(0)
-    return Batch(
-        obs=torch.randint(0, 255, (t1, b, *info.obs_shape), dtype=torch.uint8, generator=gen),
-        reward=torch.zeros(t1, b),
-        done=torch.rand(t1, b, generator=gen) < 0.01,
-        action=torch.randint(0, info.num_actions, (t1, b), generator=gen),
-        logits=torch.zeros(t1, b, info.num_actions),
-        initial_state=agent.initial_state(b),
-        version=torch.zeros(b, dtype=torch.int64),
-        episode_end=torch.zeros(t1, b, dtype=torch.bool),
-        episode_return=torch.zeros(t1, b),
-        episode_length=torch.zeros(t1, b, dtype=torch.int32),
-    )
-
-
 def components(cfg: Config, seconds: float) -> dict[str, float]:
     """Learner obs/s, inference obs/s and env steps/s, each alone on all cores."""
     torch.set_num_threads(2)
     info = probe_env(cfg)
     agent = make_agent(cfg, info)
     learner = Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu"))
-    batch = synthetic_batch(cfg, info, agent)
+    batch = random_batch(
+        cfg.learner.unroll_length,
+        cfg.learner.batch_size,
+        info.obs_shape,
+        info.num_actions,
+        agent.initial_state(cfg.learner.batch_size),
+    )
     per_batch = cfg.learner.unroll_length * cfg.learner.batch_size
-    learner_s = timed(lambda: learner.update(batch), seconds)
+    learner_s = median_seconds(lambda: learner.update(batch), seconds)
 
     e = cfg.env.num_envs // cfg.runtime.num_actors
     actor = make_agent(cfg, info).eval()
@@ -89,12 +64,12 @@ def components(cfg: Config, seconds: float) -> dict[str, float]:
     obs = torch.randint(0, 255, (e, *info.obs_shape), dtype=torch.uint8)
     zeros, done = torch.zeros(e), torch.zeros(e, dtype=torch.bool)
     action = torch.zeros(e, dtype=torch.int64)
-    inference_s = timed(lambda: actor.act(obs, zeros, done, action, state), seconds)
+    inference_s = median_seconds(lambda: actor.act(obs, zeros, done, action, state), seconds)
 
     env = make_env(cfg, e, cfg.seed)
     env.reset(seed=0)
     rng = np.random.default_rng(0)
-    env_s = timed(lambda: env.step(rng.integers(0, info.num_actions, e)), seconds)
+    env_s = median_seconds(lambda: env.step(rng.integers(0, info.num_actions, e)), seconds)
     env.close()
     learner_rate = per_batch / learner_s
     inference_rate = e / inference_s

@@ -1,0 +1,167 @@
+"""GPU checks for issue 8: core parity on CUDA, core fwd+bwd timings, learner steps/s.
+
+Runs on a bare GPU host (torch only; no gymnasium/ale-py needed). One JSON object per line:
+  - parity: every FWP core, fast vs per-step reference on CUDA (outputs, input and parameter
+    gradients, with resets inside the unroll), and CUDA fast vs CPU fast;
+  - core: fwd+bwd ms at T=50/B=32 (paper) and T=512/B=32 for fast and reference impls, next to
+    cuDNN nn.LSTM(257, 256);
+  - learner: paper preset learner (IMPALA ResNet + core, T=50, B=32) steps/s, f32 and bf16.
+
+    python benchmarks/gpu_bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agents import build_agent, make_core  # noqa: E402
+from benchmarks._common import median_seconds, random_batch  # noqa: E402
+from runners.config import LearnerConfig  # noqa: E402
+from runners.learner import Learner  # noqa: E402
+
+FWP = ("lt", "delta", "delta_rnn", "delta_lstm", "rdn")
+INPUT = 257
+
+
+def emit(**record) -> None:
+    print(json.dumps(record), flush=True)
+
+
+DEVICE = "cuda"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def inputs(t: int, b: int, device: str, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, b, INPUT, generator=gen)
+    done = torch.rand(t, b, generator=gen) < 0.1
+    done[0, 0] = done[t // 2, 1] = done[t // 2 + 1, 1] = True
+    return x.to(device), done.to(device)
+
+
+def run_core(core, x, done, state):
+    x = x.detach().requires_grad_(True)
+    y, new_state = core(x, done, state)
+    loss = y.pow(2).sum() + sum(s.pow(2).sum() for s in new_state)
+    grads = torch.autograd.grad(loss, [x, *core.parameters()])
+    return y.detach(), grads
+
+
+def max_diff(a, b) -> float:
+    return max(float((u.cpu() - v.cpu()).abs().max()) for u, v in zip(a, b, strict=True))
+
+
+def parity(name: str) -> None:
+    torch.manual_seed(0)
+    fast = make_core(name, INPUT).to(DEVICE)
+    reference = make_core(name, INPUT, impl="reference").to(DEVICE)
+    reference.load_state_dict(fast.state_dict())
+    x, done = inputs(50, 8, DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    state = tuple(
+        (0.1 * torch.randn(s.shape, generator=gen)).to(DEVICE)
+        for s in fast.initial_state(8, DEVICE)
+    )
+    y_fast, g_fast = run_core(fast, x, done, state)
+    y_ref, g_ref = run_core(reference, x, done, state)
+    cpu = make_core(name, INPUT)
+    cpu.load_state_dict(fast.state_dict())
+    y_cpu, g_cpu = run_core(cpu, x.cpu(), done.cpu(), tuple(s.cpu() for s in state))
+    out_diff = float((y_fast - y_ref).abs().max())
+    grad_diff = max_diff(g_fast, g_ref)
+    emit(
+        check="parity",
+        core=name,
+        fast_vs_reference_output=out_diff,
+        fast_vs_reference_grad=grad_diff,
+        cuda_vs_cpu_output=float((y_fast.cpu() - y_cpu).abs().max()),
+        cuda_vs_cpu_grad=max_diff(g_fast, g_cpu),
+        ok=out_diff < 1e-4 and grad_diff < 1e-3,
+    )
+
+
+def core_time(name: str, impl: str, t: int, b: int, seconds: float) -> float:
+    if name == "lstm_cudnn":
+        core = torch.nn.LSTM(INPUT, 256).to(DEVICE)
+        x, _ = inputs(t, b, DEVICE)
+
+        def step():
+            y, _ = core(x.requires_grad_(True))
+            y.sum().backward()
+
+    else:
+        core = make_core(name, INPUT, impl=impl).to(DEVICE)
+        x, done = inputs(t, b, DEVICE)
+        state = core.initial_state(b, DEVICE)
+
+        def step():
+            y, _ = core(x.requires_grad_(True), done, state)
+            y.sum().backward()
+
+    return 1000 * median_seconds(step, seconds, sync=sync)
+
+
+def learner_rate(core: str, torso: str, bf16: bool, seconds: float) -> float:
+    torch.manual_seed(0)
+    agent = build_agent(torso, core, (4, 84, 84), 6, bf16=bf16).to(DEVICE)
+    cfg = LearnerConfig()
+    learner = Learner(agent, cfg, 10**9, torch.device(DEVICE))
+    batch = random_batch(50, 32, (4, 84, 84), 6, agent.initial_state(32), device=DEVICE)
+    return 50 * 32 / median_seconds(lambda: learner.update(batch), seconds, sync=sync)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter timings")
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--lengths", default="50,512", help="unroll lengths T to time")
+    parser.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    seconds = 0.5 if args.quick else args.seconds
+    emit(
+        check="device",
+        name=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        torch=torch.__version__,
+        cudnn=torch.backends.cudnn.version(),
+    )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    for name in FWP:
+        parity(name)
+    for t in (int(v) for v in args.lengths.split(",")):
+        lstm_ms = core_time("lstm_cudnn", "fast", t, 32, seconds)
+        emit(check="core", core="lstm_cudnn", impl="cudnn", T=t, B=32, fwd_bwd_ms=lstm_ms)
+        for name in FWP:
+            fast_ms = core_time(name, "fast", t, 32, seconds)
+            ref_ms = core_time(name, "reference", t, 32, seconds)
+            emit(
+                check="core",
+                core=name,
+                T=t,
+                B=32,
+                fast_ms=fast_ms,
+                reference_ms=ref_ms,
+                speedup_vs_reference=ref_ms / fast_ms,
+                ratio_to_cudnn_lstm=fast_ms / lstm_ms,
+            )
+    for torso, core in (("impala", "rdn"), ("impala", "delta"), ("impala", "lstm")):
+        for bf16 in (False, True):
+            rate = learner_rate(core, torso, bf16, seconds * 2)
+            emit(check="learner", torso=torso, core=core, bf16=bf16, T=50, B=32, steps_per_s=rate)
+
+
+if __name__ == "__main__":
+    main()
