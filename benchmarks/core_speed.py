@@ -28,6 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agents.agent import build_agent  # noqa: E402
 from agents.cores import make_core  # noqa: E402
 from agents.torso import make_torso  # noqa: E402
 
@@ -171,15 +172,27 @@ def run_torso(repeats: int) -> None:
     bf16.load_state_dict(f32.state_dict())
     g = torch.Generator().manual_seed(0)
     obs = torch.randint(0, 256, (T * B, 4, 84, 84), dtype=torch.uint8, generator=g)
+    agents = [build_agent("impala", "lstm", (4, 84, 84), 6, bf16=flag) for flag in (False, True)]
+    agents[1].load_state_dict(agents[0].state_dict())
     with torch.no_grad():
-        diff = (f32(obs[:256]) - bf16(obs[:256])).abs()
-        scale = f32(obs[:256]).abs().max()
+        features = f32(obs[:256])
+        diff = (features - bf16(obs[:256])).abs()
+        seq = (
+            obs[:256].view(8, 32, 4, 84, 84),
+            torch.zeros(8, 32),
+            torch.zeros(8, 32, dtype=torch.bool),
+        )
+        logits = [
+            a(*seq, torch.zeros(8, 32, dtype=torch.long), a.initial_state(32))[0] for a in agents
+        ]
     emit(
         section="torso",
         what="accuracy",
-        max_abs_diff=round(diff.max().item(), 5),
-        mean_abs_diff=round(diff.mean().item(), 6),
-        max_abs_feature=round(scale.item(), 4),
+        max_abs_feature=round(features.abs().max().item(), 4),
+        max_abs_feature_diff=round(diff.max().item(), 5),
+        mean_abs_feature_diff=round(diff.mean().item(), 6),
+        max_abs_logit=round(logits[0].abs().max().item(), 4),
+        max_abs_logit_diff=round((logits[0] - logits[1]).abs().max().item(), 5),
     )
     for label, torso in (("f32", f32), ("bf16", bf16)):
 
