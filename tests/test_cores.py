@@ -235,3 +235,11 @@ def test_block_follows_the_design(name):
     h = h + core.ffs[0](core.norms2[0](h))
     with torch.no_grad():
         torch.testing.assert_close(core(x, done, state)[0], h.detach(), rtol=0, atol=1e-10)
+
+
+def test_rdn_recurrent_weights_init():
+    layer = make_core("rdn", 257).fwps[0]
+    for p in (layer.Rq, layer.Rk, layer.Rv):
+        assert p.shape == (4, 32, 32)
+        assert abs(p.std().item() * 32**0.5 - 1) < 0.05 and abs(p.mean().item()) < 0.01
+    assert layer.rb.shape == (4, 32) and abs(layer.rb.std().item() * 32**0.5 - 1) < 0.2
