@@ -238,6 +238,7 @@ def test_block_follows_the_design(name):
 
 
 def test_rdn_recurrent_weights_init():
+    torch.manual_seed(0)
     layer = make_core("rdn", 257).fwps[0]
     for p in (layer.Rq, layer.Rk, layer.Rv):
         assert p.shape == (4, 32, 32)
