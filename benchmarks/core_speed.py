@@ -107,10 +107,12 @@ def run_train(threads: list[int], repeats: int) -> None:
 
 
 def run_act(threads: list[int], repeats: int) -> None:
+    configs = [("ff", {}), ("lstm", {})]
+    configs += [(name, {"impl": impl}) for name in FWP for impl in ("fast", "reference")]
     for n in threads:
         torch.set_num_threads(n)
-        for name in ("ff", "lstm", *FWP):
-            core = make_core(name, INPUT)
+        for name, opts in configs:
+            core = make_core(name, INPUT, **opts)
             for b in (8, 32):
                 x = torch.randn(1, b, INPUT)
                 done = torch.zeros(1, b, dtype=torch.bool)
@@ -121,7 +123,7 @@ def run_act(threads: list[int], repeats: int) -> None:
                     core(x, done, state)
 
                 ms = median_ms(act, repeats * 10, warmup=5)
-                emit(section="act", core=name, threads=n, B=b, act_ms=ms)
+                emit(section="act", core=name, **opts, threads=n, B=b, act_ms=ms)
 
 
 def _rss_kib(field: str) -> int:
