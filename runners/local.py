@@ -32,6 +32,8 @@ from runners.rollout import Batch, RolloutBuffers, RolloutSpec
 log = logging.getLogger(__name__)
 
 SEED_STRIDE = 10_007  # actors' env seeds must not overlap
+MAX_FAILURES_IN_A_ROW = 3  # an actor failing this often without delivering stops the run
+STARTUP_TIMEOUT_S = 180.0  # a new actor imports torch and builds its env and agent first
 
 
 class BackendError(RuntimeError):
@@ -79,6 +81,7 @@ def actor_main(
         agent.eval()
         version = weights.load_into(agent) or 0
         worker = RolloutWorker(env, agent, buffers, seed)
+        conn.send(("ready",))
         while True:
             slot = conn.recv()
             if slot is None:
@@ -108,7 +111,10 @@ class _Actor:
         self.process = None
         self.conn = None
         self.last_seen = time.monotonic()
+        self.ready = False
         self.restarts = 0
+        self.failures_in_a_row = 0
+        self.last_error = ""
 
 
 class LocalBackend:
@@ -157,12 +163,20 @@ class LocalBackend:
         actor.process.start()
         child_conn.close()
         actor.conn = parent_conn
+        actor.ready = False
         actor.last_seen = time.monotonic()
         actor.outstanding = set(actor.slots) - {slot for _, slot in self.ready}
         for slot in sorted(actor.outstanding):
             parent_conn.send(slot)
 
     def _restart(self, actor: _Actor, reason: str) -> None:
+        actor.failures_in_a_row += 1
+        if actor.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            detail = f":\n{actor.last_error}" if actor.last_error else ""
+            raise BackendError(
+                f"actor {actor.actor_id} {reason}, {actor.failures_in_a_row} times in a row "
+                f"without delivering a rollout; stopping{detail}"
+            )
         log.warning("actor %d %s; restarting it with a fresh seed", actor.actor_id, reason)
         self._stop_process(actor, grace_s=1.0)
         actor.restarts += 1
@@ -192,8 +206,16 @@ class LocalBackend:
             return
         actor.last_seen = time.monotonic()
         if message[0] == "error":
-            raise BackendError(f"actor {actor.actor_id} failed:\n{message[1]}")
+            actor.last_error = message[1]
+            log.error("actor %d raised:\n%s", actor.actor_id, message[1].rstrip())
+            self._restart(actor, "raised an exception")
+            return
+        if message[0] == "ready":
+            actor.ready = True
+            return
         _, slot, total_s, env_s, inference_s = message
+        actor.failures_in_a_row = 0
+        actor.last_error = ""
         actor.outstanding.discard(slot)
         self.timings["actor_rollout_s"] += total_s
         self.timings["actor_env_s"] += env_s
@@ -201,15 +223,22 @@ class LocalBackend:
         self.ready.append((actor.actor_id, slot))
 
     def _supervise(self) -> None:
+        """Restart actors that died, or that hold slots but have been silent for too long."""
         now = time.monotonic()
         for actor in self.actors:
+            timeout = self.cfg.runtime.actor_timeout_s
+            if not actor.ready:
+                timeout = max(timeout, STARTUP_TIMEOUT_S)
+            silent = now - actor.last_seen
             if not actor.process.is_alive() and not actor.conn.poll():
                 self._restart(actor, f"died (exit code {actor.process.exitcode})")
-            elif now - actor.last_seen > self.cfg.runtime.actor_timeout_s:
-                self._restart(actor, f"sent nothing for {now - actor.last_seen:.0f} s (hung)")
+            elif actor.outstanding and silent > timeout:
+                self._restart(actor, f"sent nothing for {silent:.0f} s (hung)")
 
     def _give_back(self, actor_id: int, slot: int) -> None:
         actor = self.actors[actor_id]
+        if not actor.outstanding:  # it was idle, waiting for a slot: its silence starts now
+            actor.last_seen = time.monotonic()
         actor.outstanding.add(slot)
         _send(actor.conn, slot)  # if the actor is gone, its restart re-sends the slot
 

@@ -7,6 +7,8 @@ as the reward; an episode ends after `length` steps. The observation's first two
 
 from __future__ import annotations
 
+import time
+
 import gymnasium as gym
 import numpy as np
 
@@ -14,8 +16,22 @@ import numpy as np
 class CountingEnv(gym.Env):
     metadata = {"render_modes": []}
 
-    def __init__(self, length: int = 7, num_actions: int = 3) -> None:
+    def __init__(
+        self,
+        length: int = 7,
+        num_actions: int = 3,
+        fail_at: int = 0,
+        fail_mode: str = "raise",
+        fail_once_file: str | None = None,
+    ) -> None:
+        """`fail_at` > 0 injects a fault at that step of the first episode: `fail_mode` "raise"
+        raises, "hang" sleeps forever; with `fail_once_file` only the first process to get
+        there (the one that creates the file) fails."""
         self.length = length
+        self.fail_at = fail_at
+        self.fail_mode = fail_mode
+        self.fail_once_file = fail_once_file
+        self.total_steps = 0
         self.observation_space = gym.spaces.Box(0, 255, shape=(1, 4, 4), dtype=np.uint8)
         self.action_space = gym.spaces.Discrete(num_actions)
         self.counter = 0
@@ -31,7 +47,21 @@ class CountingEnv(gym.Env):
         self.counter = 0
         return self._obs(0), {}
 
+    def _maybe_fail(self) -> None:
+        if not self.fail_at or self.total_steps != self.fail_at:
+            return
+        if self.fail_once_file is not None:
+            try:
+                open(self.fail_once_file, "x").close()
+            except FileExistsError:
+                return
+        if self.fail_mode == "hang":
+            time.sleep(3600)
+        raise RuntimeError(f"injected env failure at step {self.total_steps}")
+
     def step(self, action):
+        self.total_steps += 1
+        self._maybe_fail()
         self.counter += 1
         terminated = self.counter >= self.length
         return self._obs(int(action) + 100), float(self.counter), terminated, False, {}

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from runners.config import build_config
 from runners.factory import make_agent, probe_env, rollout_spec
 from runners.learner import Learner
-from runners.local import LocalBackend, SyncBackend
+from runners.local import BackendError, LocalBackend, SyncBackend
 
 LENGTH = 7  # counting-env episode length: resets land inside and across rollouts
 T = 5
@@ -162,3 +164,42 @@ def test_local_backend_batches_and_restarts_a_killed_actor():
     import psutil
 
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def run_local_until(backend, batches: int, restarts: int, limit_s: float) -> int:
+    """Pull batches until `batches` arrived and `restarts` actor restarts happened."""
+    got, deadline = 0, time.monotonic() + limit_s
+    while time.monotonic() < deadline and (got < batches or backend.restarts() < restarts):
+        if backend.next_batch(timeout_s=1.0) is not None:
+            got += 1
+    return got
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+def test_faulty_env_once_restarts_the_actor_and_training_goes_on(tmp_path, mode):
+    kwargs = {"length": LENGTH, "fail_at": 12, "fail_mode": mode}
+    kwargs["fail_once_file"] = str(tmp_path / "failed")
+    cfg = counting_config(
+        "lstm", backend="local", **{"env.kwargs": kwargs, "runtime.actor_timeout_s": 4.0}
+    )
+    info, agent, spec = build(cfg)
+    backend = LocalBackend(cfg, info, spec, agent)
+    try:
+        got = run_local_until(backend, batches=6, restarts=1, limit_s=90)
+        assert backend.restarts() == 1 and got >= 6
+    finally:
+        backend.close()
+
+
+@pytest.mark.timeout(120)
+def test_env_that_always_raises_stops_the_run_with_its_traceback():
+    kwargs = {"length": LENGTH, "fail_at": 3, "fail_mode": "raise"}
+    cfg = counting_config("lstm", backend="local", **{"env.kwargs": kwargs})
+    info, agent, spec = build(cfg)
+    backend = LocalBackend(cfg, info, spec, agent)
+    try:
+        with pytest.raises(BackendError, match="injected env failure at step 3"):
+            run_local_until(backend, batches=1, restarts=10, limit_s=90)
+    finally:
+        backend.close()
