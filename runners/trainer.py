@@ -92,7 +92,9 @@ def make_backend(cfg: Config, info, spec, agent):
         return SyncBackend(cfg, info, spec, agent)
     if cfg.runtime.backend == "local":
         return LocalBackend(cfg, info, spec, agent)
-    raise ConfigError("runtime.backend=ray is not available yet; use local or sync")
+    from runners.ray_backend import RayBackend  # Ray is optional: import it only when asked
+
+    return RayBackend(cfg, info, spec, agent)
 
 
 def _archive_previous(run_dir: Path) -> None:
