@@ -144,7 +144,8 @@ def test_state_not_modified_in_place(rule, impl):
     assert W_new.data_ptr() != W.data_ptr()
 
 
-@pytest.mark.parametrize("T, chunk", [(13, 64), (13, 4), (13, 5), (12, 4), (13, 1)])
+# Chunks (padding): 13 | 4,4,4,1 (3) | 5,5,3 (2) | 4,4,4 | 1 each | 7,6 (1)
+@pytest.mark.parametrize("T, chunk", [(13, 64), (13, 4), (13, 5), (12, 4), (13, 1), (13, 7)])
 @pytest.mark.parametrize("rule", ["lt", "delta"])
 def test_fast_matches_reference(rule, T, chunk):
     inputs = _inputs(T=T, resets=[(t, b) for t, b in RESETS if t < T])
@@ -166,11 +167,11 @@ def test_fast_matches_reference(rule, T, chunk):
         _close(a, b)
 
 
-@pytest.mark.parametrize("impl, chunk", [("reference", 64), ("fast", 64), ("fast", 3)])
+@pytest.mark.parametrize("impl, T, chunk", [("reference", 4, 64), ("fast", 4, 64), ("fast", 5, 2)])
 @pytest.mark.parametrize("rule", ["lt", "delta"])
-def test_gradcheck_float64(rule, impl, chunk):
-    resets = [(0, 0), (2, 1), (3, 1)]
-    inputs = _inputs(T=4, B=2, H=1, d=3, dtype=torch.float64, resets=resets)
+def test_gradcheck_float64(rule, impl, T, chunk):
+    resets = [(0, 0), (2, 1), (3, 1)]  # with T=5, chunk=2: three chunks of 2, the last one padded
+    inputs = _inputs(T=T, B=2, H=1, d=3, dtype=torch.float64, resets=resets)
     names = NAMES[rule]
     leaves = [inputs[n].clone().requires_grad_() for n in names]
 

@@ -14,8 +14,9 @@ from agents.cores.recurrent_fast_weights import delta_lstm, delta_rnn, rdn
 __all__ = ["IMPLS", "delta_lstm", "delta_rnn", "delta_rule", "linear_attention", "phi", "rdn"]
 
 IMPLS = ("reference", "fast")
-# Steps per chunk of the fast path. At the paper's unroll (T=50/51, B=32, H=4, d=32) on a 2-core
-# CPU one chunk per unroll was fastest; longer unrolls are split to bound the O(C²) chunk tensors.
+# Most steps per chunk of the fast path. At the paper's unroll (T=50/51, B=32, H=4, d=32) on a
+# 2-core CPU one chunk per unroll was fastest; longer unrolls are split into near-equal chunks to
+# bound the O(C²) chunk tensors.
 CHUNK_SIZE = 64
 
 
@@ -85,8 +86,8 @@ def _chunked(
     one unit-lower-triangular solve per chunk.
     """
     T, B, H, _ = q.shape
-    C = min(chunk_size, T)
-    n_chunks = -(-T // C)
+    n_chunks = -(-T // chunk_size)
+    C = -(-T // n_chunks)  # near-equal chunks of at most chunk_size steps: little padding
     pad = n_chunks * C - T
 
     def blocks(x: Tensor) -> Tensor:  # [T,B,H,e] -> [N,B,H,C,e]; padded steps have k = v = β = 0
@@ -157,8 +158,8 @@ def linear_attention(
 ) -> tuple[Tensor, Tensor]:
     """Linear Transformer: `W ← W + kᵀ v; y = q W` per step. Returns (y `[T,B,H,d_v]`, final W).
 
-    `impl="reference"` is the per-step loop; `"fast"` the chunk-parallel form (`chunk_size` steps
-    per chunk, the same numbers up to float rounding).
+    `impl="reference"` is the per-step loop; `"fast"` the chunk-parallel form (chunks of at most
+    `chunk_size` steps; the same numbers up to float rounding).
     """
     return _dispatch(q, k, v, None, done, W, impl, chunk_size)
 
