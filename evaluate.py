@@ -51,7 +51,7 @@ def parse_eval_args(argv: list[str]) -> argparse.Namespace:
         "and .csv and eval/* TensorBoard scalars, optionally record mp4 videos. "
         "`evaluate.py plot RUN_DIR ...` draws learning curves instead.",
     )
-    parser.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    parser.add_argument("target", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
     parser.add_argument("--episodes", type=_positive, default=10, help="episodes (default 10)")
     parser.add_argument(
         "--step", default="latest", help="latest (default), best (highest eval mean) or a step"
@@ -88,12 +88,16 @@ def parse_eval_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=_positive, help="torch threads (default: torch's)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    argv = list(argv)
+    for i in range(len(argv) - 1):  # `--video RUN` or `--video key=value`: one video
+        following = argv[i + 1]
+        if argv[i] == "--video" and not following.isdigit() and not following.startswith("-"):
+            argv.insert(i + 1, "1")
     args = parser.parse_intermixed_args(argv)
-    if not args.video.isdigit():  # `--video key=value`: the value was an override
-        if "=" not in args.video:
-            parser.error(f"--video takes a number of videos, got {args.video!r}")
-        args.overrides.insert(0, args.video)
-        args.video = "1"
+    if args.target is None:
+        parser.error("give a run folder or a checkpoint file (RUN_DIR_OR_CHECKPOINT)")
+    if not args.video.isdigit():
+        parser.error(f"--video takes a number of videos, got {args.video!r}")
     args.video = int(args.video)
     return args
 

@@ -516,8 +516,10 @@ def fast_weight_maps(agent: ActorCritic, state: tuple) -> tuple[list[tuple[str, 
         weights = state[offset][0].float().cpu()
         offset += len(layer.state_shapes())
         for head, w in enumerate(weights):
-            matrix = torch.cat(list(w), dim=1) if w.dim() == 3 else w
-            maps.append((f"L{index + 1} h{head + 1}", matrix.numpy()))
+            label = f"L{index + 1} h{head + 1}"
+            if w.dim() == 3:  # delta_lstm: the input, update and output gates' matrices
+                w, label = torch.cat(list(w), dim=1), label + " i|u|o"
+            maps.append((label, w.numpy()))
     return maps, core.fwps[0].num_heads
 
 
@@ -661,7 +663,8 @@ def spawn_periodic_evaluation(
 
     Its report goes to ``<run>/eval`` and ``<run>/tb`` like any evaluation, its console output to
     ``<run>/eval/periodic_<step>.log``. ``threads`` torch threads, so training keeps its cores.
-    The caller owns the process: poll it, and terminate it on shutdown.
+    It runs in the caller's working directory, like the trainer. The caller owns the process:
+    poll it, and terminate it on shutdown.
     """
     run_dir = Path(run_dir)
     folder = run_dir / "eval"
@@ -669,7 +672,7 @@ def spawn_periodic_evaluation(
     command = [
         sys.executable,
         str(ROOT / "evaluate.py"),
-        str(checkpoint),
+        str(Path(checkpoint).resolve()),
         "--episodes",
         str(episodes),
         "--threads",
@@ -680,6 +683,4 @@ def spawn_periodic_evaluation(
     command += list(overrides)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(folder / f"periodic_{report_stem(step)}.log", "w") as log:
-        return subprocess.Popen(
-            command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-        )
+        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)

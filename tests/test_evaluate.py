@@ -367,7 +367,9 @@ def test_pong_checkpoint_on_another_game_or_core(pong_run, capsys, override, mes
     assert snapshot(pong_run) == before
 
 
-@pytest.mark.parametrize("args", [["--episodes", "0"], ["--video", "x"], ["--seed", "-1"]])
+@pytest.mark.parametrize(
+    "args", [["--episodes", "0"], ["--video", "-3"], ["--seed", "-1"], ["--step"]]
+)
 def test_bad_arguments_are_one_line_usage_errors(signed_run, capsys, args):
     with pytest.raises(SystemExit) as exit_info:
         run_eval([str(signed_run), *args])
@@ -375,10 +377,14 @@ def test_bad_arguments_are_one_line_usage_errors(signed_run, capsys, args):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_video_option_before_an_override_keeps_both():
-    args = evaluate.parse_eval_args(["run", "--video", "env.noop_max=5"])
-    assert args.video == 1 and args.overrides == ["env.noop_max=5"]
+def test_video_count_is_optional_before_a_run_or_an_override():
+    args = evaluate.parse_eval_args(["run", "a.b=1", "--video", "a.b=2", "--episodes", "3"])
+    assert (args.target, args.video, args.overrides) == ("run", 1, ["a.b=1", "a.b=2"])
+    args = evaluate.parse_eval_args(["--video", "run", "seed=2"])
+    assert (args.target, args.video, args.overrides) == ("run", 1, ["seed=2"])
     assert evaluate.parse_eval_args(["run", "--video", "3", "seed=2"]).video == 3
+    assert evaluate.parse_eval_args(["run", "--video"]).video == 1
+    assert evaluate.parse_eval_args(["run"]).video == 0
 
 
 def test_t_quantile_matches_the_table():
@@ -405,3 +411,11 @@ def test_single_episode_has_no_spread(signed_run):
     report = json.loads((signed_run / "eval" / "000000000000.json").read_text())
     assert report["std"] is None and report["ci95"] is None
     assert report["mean"] == report["median"] == report["min"] == report["max"]
+
+
+def test_missing_target_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--episodes", "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give a run folder or a checkpoint" in err
