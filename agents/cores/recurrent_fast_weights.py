@@ -109,6 +109,385 @@ def _delta_lstm_reference(q, k, v, beta, rk, rv, rbeta, done, state, state_grad)
     return torch.stack(hs), (W, R, h, c)
 
 
+# ----------------------------------------------------------------------------- fast paths
+#
+# The recurrences are sequential, so the fast paths keep the loop but take autograd out of it:
+# each is a torch.autograd.Function whose forward updates one working copy of the fast weights in
+# place (it stays in cache) and whose backward is a hand-written reverse-time loop. The backward
+# rewinds the fast weights exactly as they were written, M_{t-1} = M_t − kᵀu with the stored u,
+# restoring a saved copy where a reset zeroed them. All fast-weight matrices of a recurrence (W
+# and R, or the six of the Delta LSTM) form one batch of N [d,d] matrices, so a step is a few bmm
+# calls. With state_grad="none" the gradients are local to each step and computed for all steps
+# at once; only the rewind remains a loop.
+
+
+class _Resets:
+    """The reset mask of an unroll and the fast weights it erased, for the backward's rewind.
+
+    Only the rows of resetting batch elements are saved and zeroed, not whole matrices.
+    """
+
+    def __init__(self, done: Tensor, dtype: torch.dtype, batch_dim: int) -> None:
+        self.keep = 1 - done.to(dtype)  # [T,B]
+        self.at = done.any(1).tolist()
+        self.rows = {t: done[t].nonzero()[:, 0] for t, hit in enumerate(self.at) if hit}
+        self.dim, self.saved = batch_dim, {}
+
+    def erase_(self, t: int, M: Tensor) -> None:
+        """Forward, before step t: save, then zero the fast weights of the resetting rows."""
+        self.saved[t] = M.index_select(self.dim, self.rows[t])
+        M.index_fill_(self.dim, self.rows[t], 0)
+
+    def rewind_(self, t: int, M: Tensor, gM: Tensor | None = None) -> None:
+        """Backward, after step t: put the erased weights back; the gradient does not pass."""
+        M.index_copy_(self.dim, self.rows[t], self.saved[t])
+        if gM is not None:
+            gM.index_fill_(self.dim, self.rows[t], 0)
+
+
+def _softmax_bwd(g: Tensor, s: Tensor) -> Tensor:
+    return torch._softmax_backward_data(g, s, -1, s.dtype)
+
+
+def _ds_step_(
+    M: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DS on flat matrices M [N,d,d], updated in place; returns y = q M_new, v − k M and u.
+
+    With M_new = M + kᵀu the read is q M + (q·k) u, so k and q share one pass over M.
+    """
+    both = torch.bmm(torch.stack([k, q], 1), M)
+    diff = v - both[:, 0]
+    u = beta * diff
+    y = torch.addcmul(both[:, 1], (q * k).sum(-1, keepdim=True), u)
+    M.baddbmm_(k.unsqueeze(2), u.unsqueeze(1))
+    return y, diff, u
+
+
+def _ds_backward_(
+    gM: Tensor, M: Tensor, gy: Tensor, q: Tensor, k: Tensor, beta: Tensor, u: Tensor, diff: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``_ds_step_`` on flat [N,...] tensors; returns gq, gk, gv, gβ.
+
+    On entry M is the written matrix and gM the gradient w.r.t. it from later steps; both are
+    rewound in place to the matrix read before the write and the gradient w.r.t. it. The rank-1
+    terms of this step (qᵀ gy and kᵀ gv) are applied as vector identities and one final update.
+    """
+    gu = torch.addcmul(torch.bmm(k.unsqueeze(1), gM).squeeze(1), (k * q).sum(-1, keepdim=True), gy)
+    gv = beta * gu
+    gk = torch.addcmul(
+        torch.bmm(u.unsqueeze(1), gM.mT).squeeze(1), (u * gy).sum(-1, keepdim=True), q
+    )
+    M.baddbmm_(k.unsqueeze(2), u.unsqueeze(1), alpha=-1)
+    rows = torch.stack([gy, -gv], 1)
+    both = torch.bmm(rows, M.mT)  # gy M_oldᵀ and −gv M_oldᵀ
+    gq = torch.addcmul(both[:, 0], (gy * u).sum(-1, keepdim=True), k)
+    gk += both[:, 1]
+    gM.baddbmm_(torch.stack([q, k], 2), rows)
+    return gq, gk, gv, (gu * diff).sum(-1, keepdim=True)
+
+
+def _ds_local_backward(
+    gy: Tensor,
+    q: Tensor,
+    k: Tensor,
+    beta: Tensor,
+    u: Tensor,
+    diff: Tensor,
+    M: Tensor,
+    M_rows: Tensor,
+    resets: _Resets,
+    gM_last: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``_ds_backward_`` for all T steps at once when no gradient flows between steps.
+
+    The gradient w.r.t. each written matrix is then the rank-1 ``qᵀ gy`` (plus ``gM_last`` at the
+    last step), so everything but the products with the matrices read is vector arithmetic.
+    gy, q, k, u, diff: [T,N,d]; beta: [T,N,1]; M: the final matrices [N,d,d], rewound in place;
+    M_rows: the same storage with the batch axis that ``resets`` indexes. Returns the gradients
+    w.r.t. q, k, v, β and w.r.t. the matrices step 0 read.
+    """
+    T, N, d = q.shape
+    gu = (k * q).sum(-1, keepdim=True) * gy
+    gu[-1] += torch.bmm(k[-1].unsqueeze(1), gM_last).squeeze(1)
+    gv = beta * gu
+    rows = torch.stack([gy, gv], 2)
+    both = torch.empty_like(rows)
+    for t in reversed(range(T)):
+        M.baddbmm_(k[t].unsqueeze(2), u[t].unsqueeze(1), alpha=-1)
+        torch.bmm(rows[t], M.mT, out=both[t])
+        if resets.at[t] and t > 0:
+            resets.rewind_(t, M_rows)
+    gy_u = (gy * u).sum(-1, keepdim=True)
+    gq = torch.addcmul(both[:, :, 0], gy_u, k)
+    gk = gy_u * q - both[:, :, 1]
+    gk[-1] += torch.bmm(u[-1].unsqueeze(1), gM_last.mT).squeeze(1)
+    gM0 = torch.bmm(q[0].unsqueeze(2), gy[0].unsqueeze(1))
+    if T == 1:
+        gM0 += gM_last
+    gM0.baddbmm_(k[0].unsqueeze(2), gv[0].unsqueeze(1), alpha=-1)
+    return gq, gk, gv, (gu * diff).sum(-1, keepdim=True), gM0
+
+
+class _DeltaRNNFast(torch.autograd.Function):
+    """Delta RNN with [W, R] as one [B,H,2,d,d] batch read by [q_t, softmax(y_{t-1})]."""
+
+    @staticmethod
+    def forward(ctx, state_grad, done, q, k, v, beta, rk, rv, rbeta, W0, R0, y0):
+        T, B, H, d = q.shape
+        N = B * H * 2
+        resets = _Resets(done, q.dtype, batch_dim=0)
+        keep = resets.keep
+        K = torch.stack([k, rk], 3).view(T, N, d)
+        V = torch.stack([v, rv], 3).view(T, N, d)
+        Bt = torch.stack([beta, rbeta], 3).view(T, N, 1)
+        Q = torch.stack([q, q], 3)  # slot 1 becomes softmax(y_{t-1}) in the loop
+        M = torch.stack([W0, R0], 2)
+        Mf, Qf = M.view(N, d, d), Q.view(T, N, d)
+        Ys = q.new_empty(T + 1, B, H, d)
+        Ys[0] = y0
+        U, Dif = [], []
+        for t in range(T):
+            yp = Ys[t]
+            if resets.at[t]:
+                resets.erase_(t, M)
+                yp = yp * keep[t].view(B, 1, 1)
+            Q[t, :, :, 1] = torch.softmax(yp, -1)
+            y, diff, u = _ds_step_(Mf, Qf[t], K[t], V[t], Bt[t])
+            U.append(u)
+            Dif.append(diff)
+            torch.sum(y.view(B, H, 2, d), 2, out=Ys[t + 1])
+        ctx.state_grad, ctx.resets = state_grad, resets
+        ctx.save_for_backward(keep, K, Bt, Q, M, torch.stack(U), torch.stack(Dif))
+        return Ys[1:], M[:, :, 0].clone(), M[:, :, 1].clone(), Ys[T].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gY, gW, gR, gy_last):
+        keep, K, Bt, Q, M, U, Dif = ctx.saved_tensors
+        T, B, H, _, d = Q.shape
+        N = B * H * 2
+        Qf, Mw = Q.view(T, N, d), M.clone()
+        Mwf = Mw.view(N, d, d)
+        gM = torch.stack([gW, gR], 2)
+        gMf = gM.view(N, d, d)
+        if ctx.state_grad == "none":
+            gy = gY.clone()
+            gy[-1] += gy_last
+            gO = gy.unsqueeze(3).expand(T, B, H, 2, d).reshape(T, N, d)
+            gQ, gK, gV, gBt, gM0 = _ds_local_backward(
+                gO, Qf, K, Bt, U, Dif, Mwf, Mw, ctx.resets, gMf
+            )
+            gQ = gQ.view(T, B, H, 2, d)
+            gy0 = _softmax_bwd(gQ[0, :, :, 1], Q[0, :, :, 1]) * keep[0].view(B, 1, 1)
+            gM = gM0.view(B, H, 2, d, d) * keep[0].view(B, 1, 1, 1, 1)
+        else:
+            grads, gy0 = [], gy_last
+            for t in reversed(range(T)):
+                gO = (gY[t] + gy0).unsqueeze(2).expand(B, H, 2, d).reshape(N, d)
+                gq, gk, gv, gb = _ds_backward_(gMf, Mwf, gO, Qf[t], K[t], Bt[t], U[t], Dif[t])
+                gq = gq.view(B, H, 2, d)
+                gy0 = _softmax_bwd(gq[:, :, 1], Q[t, :, :, 1])
+                if ctx.resets.at[t]:
+                    ctx.resets.rewind_(t, Mw, gM)
+                    gy0 = gy0 * keep[t].view(B, 1, 1)
+                grads.append((gq, gk, gv, gb))
+            gQ, gK, gV, gBt = (torch.stack(g[::-1]) for g in zip(*grads, strict=True))
+        gK, gV, gBt = gK.view(T, B, H, 2, d), gV.view(T, B, H, 2, d), gBt.view(T, B, H, 2, 1)
+        return (
+            None, None, gQ[:, :, :, 0], gK[:, :, :, 0], gV[:, :, :, 0], gBt[:, :, :, 0],
+            gK[:, :, :, 1], gV[:, :, :, 1], gBt[:, :, :, 1], gM[:, :, 0], gM[:, :, 1], gy0,
+        )  # fmt: skip
+
+
+class _RDNFast(torch.autograd.Function):
+    """Recurrent Delta Net, laid out head-major [H,B] so the feedback is one baddbmm per step."""
+
+    @staticmethod
+    def forward(ctx, state_grad, done, qx, kx, vx, bx, Rq, Rk, Rv, rb, W0, y0):
+        T, B, H, d = qx.shape
+        N = H * B
+        resets = _Resets(done, qx.dtype, batch_dim=1)
+        keep = resets.keep
+        X = torch.cat([qx, kx, vx, bx], -1).transpose(1, 2).contiguous()  # [T,H,B,3d+1]
+        P = torch.cat([Rq, Rk, Rv, rb.unsqueeze(-1)], -1)  # [H,d,3d+1]
+        M = W0.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # never aliases W0
+        Mf = M.view(N, d, d)
+        Ys = qx.new_empty(T + 1, H, B, d)
+        Ys[0] = y0.transpose(0, 1)
+        S = qx.new_empty(T, H, B, d)
+        QK, Bt, U, Dif = [], [], [], []
+        for t in range(T):
+            yp = Ys[t]
+            if resets.at[t]:
+                resets.erase_(t, M)
+                yp = yp * keep[t].view(1, B, 1)
+            pre = torch.baddbmm(X[t], torch.tanh(yp, out=S[t]), P)
+            qk = torch.softmax(pre[..., : 2 * d].unflatten(-1, (2, d)), -1)
+            beta = torch.sigmoid(pre[..., 3 * d :])
+            v = pre[..., 2 * d : 3 * d].reshape(N, d)
+            q, k = qk[:, :, 0].reshape(N, d), qk[:, :, 1].reshape(N, d)
+            y, diff, u = _ds_step_(Mf, q, k, v, beta.view(N, 1))
+            Ys[t + 1] = y.view(H, B, d)
+            QK.append(qk)
+            Bt.append(beta)
+            U.append(u)
+            Dif.append(diff)
+        ctx.state_grad, ctx.resets = state_grad, resets
+        stacked = (torch.stack(x) for x in (QK, Bt, U, Dif))
+        ctx.save_for_backward(keep, P, S, *stacked, M)
+        y = Ys[1:].transpose(1, 2).contiguous()
+        return (
+            y,
+            M.transpose(0, 1).clone(memory_format=torch.contiguous_format),
+            Ys[T].transpose(0, 1).clone(memory_format=torch.contiguous_format),
+        )
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gY, gW, gy_last):
+        keep, P, S, QK, Bt, U, Dif, M = ctx.saved_tensors
+        T, H, B, d = S.shape
+        N, E = H * B, 3 * d + 1
+        Mw = M.clone()
+        Mwf = Mw.view(N, d, d)
+        gM = gW.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+        gMf = gM.view(N, d, d)
+        q, k = QK[:, :, :, 0].reshape(T, N, d), QK[:, :, :, 1].reshape(T, N, d)
+        if ctx.state_grad == "none":
+            gy = gY.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+            gy[-1] += gy_last.transpose(0, 1)
+            gq, gk, gv, gb, gM0 = _ds_local_backward(
+                gy.view(T, N, d), q, k, Bt.view(T, N, 1), U, Dif, Mwf, Mw, ctx.resets, gMf
+            )
+            gqk = _softmax_bwd(torch.stack([gq, gk], 2).view(T, H, B, 2, d), QK)
+            gbp = torch.ops.aten.sigmoid_backward(gb.view(T, H, B, 1), Bt)
+            gpre = torch.cat([gqk.view(T, H, B, 2 * d), gv.view(T, H, B, d), gbp], -1)
+            gy0 = torch.ops.aten.tanh_backward(torch.bmm(gpre[0], P.mT), S[0])
+            gy0 = gy0 * keep[0].view(1, B, 1)
+            gM = gM0.view(H, B, d, d) * keep[0].view(1, B, 1, 1)
+        else:
+            gYt, gy0, gpres = gY.transpose(1, 2), gy_last.transpose(0, 1), []
+            for t in reversed(range(T)):
+                g = (gYt[t] + gy0).reshape(N, d)
+                gq, gk, gv, gb = _ds_backward_(
+                    gMf, Mwf, g, q[t], k[t], Bt[t].view(N, 1), U[t], Dif[t]
+                )
+                gqk = _softmax_bwd(torch.stack([gq, gk], 1).view(H, B, 2, d), QK[t])
+                gbp = torch.ops.aten.sigmoid_backward(gb.view(H, B, 1), Bt[t])
+                gpre = torch.cat([gqk.view(H, B, 2 * d), gv.view(H, B, d), gbp], -1)
+                gy0 = torch.ops.aten.tanh_backward(torch.bmm(gpre, P.mT), S[t])
+                if ctx.resets.at[t]:
+                    ctx.resets.rewind_(t, Mw, gM)
+                    gy0 = gy0 * keep[t].view(1, B, 1)
+                gpres.append(gpre)
+            gpre = torch.stack(gpres[::-1])
+        # pre = X + s P, summed over time and batch per head: gP = Σ sᵀ gpre.
+        gP = torch.bmm(
+            S.transpose(0, 1).reshape(H, T * B, d).mT, gpre.transpose(0, 1).reshape(H, T * B, E)
+        )
+        gX = gpre.transpose(1, 2)
+        return (
+            None, None, gX[..., :d], gX[..., d : 2 * d], gX[..., 2 * d : 3 * d], gX[..., 3 * d :],
+            gP[..., :d], gP[..., d : 2 * d], gP[..., 2 * d : 3 * d], gP[..., 3 * d],
+            gM.transpose(0, 1), gy0.transpose(0, 1),
+        )  # fmt: skip
+
+
+class _DeltaLSTMFast(torch.autograd.Function):
+    """Delta LSTM with (W_i, W_u, W_o, R_i, R_u, R_o) as one [B,H,6,d,d] batch."""
+
+    @staticmethod
+    def forward(ctx, state_grad, done, q, k, v, beta, rk, rv, rbeta, W0, R0, h0, c0):
+        T, B, H, _, d = q.shape
+        N = B * H * 6
+        resets = _Resets(done, q.dtype, batch_dim=0)
+        keep = resets.keep
+        K = torch.cat([k, rk], 3).view(T, N, d)
+        V = torch.cat([v, rv], 3).view(T, N, d)
+        Bt = torch.cat([beta, rbeta], 3).view(T, N, 1)
+        Q = torch.cat([q, q], 3)  # slots 3: become softmax(h_{t-1}) in the loop
+        M = torch.cat([W0, R0], 2)
+        Mf, Qf = M.view(N, d, d), Q.view(T, N, d)
+        Hs, Cs = q.new_empty(T + 1, B, H, d), q.new_empty(T + 1, B, H, d)
+        Hs[0], Cs[0] = h0, c0
+        G = q.new_empty(T, B, H, 3, d)  # gates i, u, o
+        U, Dif = [], []
+        for t in range(T):
+            hp, cp = Hs[t], Cs[t]
+            if resets.at[t]:
+                resets.erase_(t, M)
+                hp, cp = hp * keep[t].view(B, 1, 1), cp * keep[t].view(B, 1, 1)
+            Q[t, :, :, 3:] = torch.softmax(hp, -1).unsqueeze(2)
+            read, diff, u = _ds_step_(Mf, Qf[t], K[t], V[t], Bt[t])
+            U.append(u)
+            Dif.append(diff)
+            read = read.view(B, H, 2, 3, d)
+            g = torch.add(read[:, :, 0], read[:, :, 1], out=G[t])
+            g[:, :, 0::2].sigmoid_()
+            i, ug, o = g.unbind(2)
+            torch.addcmul(cp, i, ug - cp, out=Cs[t + 1])
+            torch.mul(o, Cs[t + 1], out=Hs[t + 1])
+        ctx.state_grad, ctx.resets = state_grad, resets
+        ctx.save_for_backward(keep, K, Bt, Q, M, torch.stack(U), torch.stack(Dif), G, Cs)
+        return Hs[1:], M[:, :, :3].clone(), M[:, :, 3:].clone(), Hs[T].clone(), Cs[T].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gY, gW, gR, gh_last, gc_last):
+        keep, K, Bt, Q, M, U, Dif, G, Cs = ctx.saved_tensors
+        T, B, H, _, d = Q.shape
+        N = B * H * 6
+        sig_bwd = torch.ops.aten.sigmoid_backward
+        Qf, Mw = Q.view(T, N, d), M.clone()
+        Mwf = Mw.view(N, d, d)
+        gM = torch.cat([gW, gR], 2)
+        gMf = gM.view(N, d, d)
+        if ctx.state_grad == "none":
+            gh = gY.clone()
+            gh[-1] += gh_last
+            i, ug, o = G.unbind(3)
+            cp = Cs[:-1] * keep.view(T, B, 1, 1)
+            gc = gh * o
+            gc[-1] += gc_last
+            gpre = torch.stack([sig_bwd(gc * (ug - cp), i), gc * i, sig_bwd(gh * Cs[1:], o)], 3)
+            gO = torch.cat([gpre, gpre], 3).view(T, N, d)
+            gQ, gK, gV, gBt, gM0 = _ds_local_backward(
+                gO, Qf, K, Bt, U, Dif, Mwf, Mw, ctx.resets, gMf
+            )
+            gQ = gQ.view(T, B, H, 6, d)
+            keep0 = keep[0].view(B, 1, 1)
+            gh0 = _softmax_bwd(gQ[0, :, :, 3:].sum(2), Q[0, :, :, 3]) * keep0
+            gc0 = (gc[0] - gpre[0, :, :, 1]) * keep0
+            gM = gM0.view(B, H, 6, d, d) * keep[0].view(B, 1, 1, 1, 1)
+        else:
+            grads, gh0, gc0 = [], gh_last, gc_last
+            for t in reversed(range(T)):
+                gh = gY[t] + gh0
+                i, ug, o = G[t].unbind(2)
+                cp = Cs[t] * keep[t].view(B, 1, 1) if ctx.resets.at[t] else Cs[t]
+                gc = torch.addcmul(gc0, gh, o)
+                gpre = torch.stack(
+                    [sig_bwd(gc * (ug - cp), i), gc * i, sig_bwd(gh * Cs[t + 1], o)], 2
+                )
+                gO = torch.cat([gpre, gpre], 2).view(N, d)
+                gq, gk, gv, gb = _ds_backward_(gMf, Mwf, gO, Qf[t], K[t], Bt[t], U[t], Dif[t])
+                gq = gq.view(B, H, 6, d)
+                gh0 = _softmax_bwd(gq[:, :, 3:].sum(2), Q[t, :, :, 3])
+                gc0 = gc - gpre[:, :, 1]
+                if ctx.resets.at[t]:
+                    ctx.resets.rewind_(t, Mw, gM)
+                    gh0, gc0 = gh0 * keep[t].view(B, 1, 1), gc0 * keep[t].view(B, 1, 1)
+                grads.append((gq, gk, gv, gb))
+            gQ, gK, gV, gBt = (torch.stack(g[::-1]) for g in zip(*grads, strict=True))
+        gK, gV, gBt = gK.view(T, B, H, 6, d), gV.view(T, B, H, 6, d), gBt.view(T, B, H, 6, 1)
+        return (
+            None, None, gQ[:, :, :, :3], gK[:, :, :, :3], gV[:, :, :, :3], gBt[:, :, :, :3],
+            gK[:, :, :, 3:], gV[:, :, :, 3:], gBt[:, :, :, 3:], gM[:, :, :3], gM[:, :, 3:],
+            gh0, gc0,
+        )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -140,7 +519,10 @@ def delta_rnn(
         dict(k=k, v=v, beta=beta, rk=rk, rv=rv, rbeta=rbeta, done=done, W=state[0], R=state[1]),
     )
     _check_shapes("delta_rnn", dict(y_prev=(B, H, d)), dict(y_prev=state[2]))
-    return _delta_rnn_reference(q, k, v, beta, rk, rv, rbeta, done, tuple(state), state_grad)
+    if impl == "reference":
+        return _delta_rnn_reference(q, k, v, beta, rk, rv, rbeta, done, tuple(state), state_grad)
+    y, W, R, y_last = _DeltaRNNFast.apply(state_grad, done, q, k, v, beta, rk, rv, rbeta, *state)
+    return y, (W, R, y_last)
 
 
 def rdn(
@@ -171,7 +553,10 @@ def rdn(
         dict(kx=kx, vx=vx, bx=bx, Rq=Rq, Rk=Rk, Rv=Rv, rb=rb, done=done),
     )
     _check_shapes("rdn", dict(W=(B, H, d, d), y_prev=(B, H, d)), dict(W=state[0], y_prev=state[1]))
-    return _rdn_reference(qx, kx, vx, bx, Rq, Rk, Rv, rb, done, tuple(state), state_grad)
+    if impl == "reference":
+        return _rdn_reference(qx, kx, vx, bx, Rq, Rk, Rv, rb, done, tuple(state), state_grad)
+    y, W, y_last = _RDNFast.apply(state_grad, done, qx, kx, vx, bx, Rq, Rk, Rv, rb, *state)
+    return y, (W, y_last)
 
 
 def delta_lstm(
@@ -202,4 +587,7 @@ def delta_lstm(
         dict(k=k, v=v, beta=beta, rk=rk, rv=rv, rbeta=rbeta, done=done, W=state[0], R=state[1]),
     )
     _check_shapes("delta_lstm", dict(h=vec, c=vec), dict(h=state[2], c=state[3]))
-    return _delta_lstm_reference(q, k, v, beta, rk, rv, rbeta, done, tuple(state), state_grad)
+    if impl == "reference":
+        return _delta_lstm_reference(q, k, v, beta, rk, rv, rbeta, done, tuple(state), state_grad)
+    y, W, R, h, c = _DeltaLSTMFast.apply(state_grad, done, q, k, v, beta, rk, rv, rbeta, *state)
+    return y, (W, R, h, c)
