@@ -122,6 +122,11 @@ class RuntimeConfig:
     )
     actor_timeout_s: float = _key(120.0, "restart an actor silent for this long", minimum=1.0)
     ray_address: str = _key("local", "Ray cluster: local, auto or host:port")
+    ray_num_cpus_per_sampler: float = _key(1.0, "CPUs each Ray sampler reserves", minimum=0.0)
+    ray_num_gpus_per_sampler: float = _key(
+        0.0, "GPUs each Ray sampler reserves (> 0: it acts on its node's GPU)", minimum=0.0
+    )
+    ray_resources: dict = _key({}, "custom Ray resources each sampler reserves, e.g. {sampler: 1}")
 
 
 @dataclass
@@ -312,6 +317,11 @@ def validate(cfg: Config) -> None:
             f"env.num_envs={cfg.env.num_envs} must be a positive multiple of "
             f"runtime.num_actors={cfg.runtime.num_actors}"
         )
+    for name, amount in cfg.runtime.ray_resources.items():
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ConfigError(
+                f"runtime.ray_resources.{name}={amount!r} must be a non-negative number"
+            )
     if cfg.learner.batch_size % per_actor:
         raise ConfigError(
             f"learner.batch_size={cfg.learner.batch_size} must be a multiple of the envs per "
