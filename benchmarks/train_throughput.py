@@ -113,12 +113,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=20.0)
     parser.add_argument("--component-seconds", type=float, default=5.0)
     parser.add_argument("--bf16", action="store_true", help="also measure agent.bf16=true")
+    parser.add_argument(
+        "--backend",
+        choices=("local", "sync", "ray"),
+        help="runtime.backend for every preset (default: the preset's)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for every preset")
     args = parser.parse_args()
     for name in args.presets.split(","):
         path, preset_overrides = PRESETS[name]
         for bf16 in [False, True] if args.bf16 else [False]:
             overrides = [*preset_overrides, *args.overrides, f"agent.bf16={str(bf16).lower()}"]
+            if args.backend:
+                overrides.append(f"runtime.backend={args.backend}")
             cfg = build_config(path, overrides)
             parts = components(cfg, args.component_seconds)
             run = end_to_end(build_config(path, overrides), args.seconds, args.warmup)
