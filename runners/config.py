@@ -149,6 +149,13 @@ class EvalConfig:
 
 
 @dataclass
+class VideoConfig:
+    every_steps: int = _key(
+        0, "record a gameplay video during training every this many steps", minimum=0
+    )
+
+
+@dataclass
 class RunConfig:
     dir: str | None = _key(None, "run folder (default runs/<game>-<core>-<time>)")
     restart: bool = _key(False, "start over even if the run folder has checkpoints")
@@ -164,6 +171,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = _key(0, "random seed", minimum=0)
 

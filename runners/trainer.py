@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from runners.config import (
     to_dict,
     validate,
 )
+from runners.evaluation import spawn_periodic_evaluation
 from runners.factory import make_agent, probe_env, rollout_spec
 from runners.learner import Learner, NonFiniteError
 from runners.local import BackendError, LocalBackend, SyncBackend
@@ -148,6 +150,7 @@ class Trainer:
         np.random.seed(cfg.seed)
         self.agent = make_agent(cfg, self.info).to(self.device)
         self.learner = Learner(self.agent, cfg.learner, cfg.runtime.total_steps, self.device)
+        self.eval_process = None
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints",
             keep_last=cfg.checkpoint.keep_last,
@@ -168,12 +171,42 @@ class Trainer:
             "rng": capture_rng_state(),
         }
 
-    def save(self) -> None:
+    def save(self) -> Path | None:
         try:
             path = self.checkpoints.save(self.learner.steps, self._payload())
-            log.info("checkpoint %s", path)
         except CheckpointError as exc:
             log.error("checkpoint not saved: %s (the previous one is kept)", exc)
+            return None
+        log.info("checkpoint %s", path)
+        return path
+
+    def _periodic_evaluation(self, previous_step: int) -> None:
+        """Evaluate (and film) a fresh checkpoint in a separate process when a period ends."""
+        step = self.learner.steps
+
+        def due(every: int) -> bool:
+            return every > 0 and step // every > previous_step // every
+
+        evaluate, film = due(self.cfg.eval.every_steps), due(self.cfg.video.every_steps)
+        if not (evaluate or film):
+            return
+        if self.eval_process is not None and self.eval_process.poll() is None:
+            log.warning("evaluation at step %d skipped: the previous one is still running", step)
+            return
+        path = self.save()
+        if path is not None:
+            self.eval_process = spawn_periodic_evaluation(
+                self.run_dir, path, step, self.cfg.eval.episodes, video=film
+            )
+
+    def _stop_evaluation(self) -> None:
+        if self.eval_process is not None and self.eval_process.poll() is None:
+            self.eval_process.terminate()
+            try:
+                self.eval_process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.eval_process.kill()
+                self.eval_process.wait(10)
 
     def _resume(self) -> None:
         loaded = self.checkpoints.load_latest(map_location=self.device)
@@ -232,6 +265,7 @@ class Trainer:
             code = 1
         finally:
             stop.restore()
+            self._stop_evaluation()
             if backend is not None:
                 backend.close()
             progress.close(self.learner.steps)
@@ -260,6 +294,7 @@ class Trainer:
             if batch is None:
                 continue
             start = time.perf_counter()
+            previous_step = self.learner.steps
             stats = self.learner.update(batch.to(self.device))
             backend.publish(self.agent.state_dict(), self.learner.updates)
             learn_s += time.perf_counter() - start
@@ -288,6 +323,7 @@ class Trainer:
             if now - last_ckpt >= cfg.checkpoint.every_s:
                 self.save()
                 last_ckpt = now
+            self._periodic_evaluation(previous_step)
         return 0
 
 

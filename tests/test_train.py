@@ -158,3 +158,21 @@ def test_checkpoint_of_another_game_is_refused(tmp_path):
     out = train(*base, "env.kwargs.num_cues=3", "runtime.total_steps=1024")
     assert out.returncode == 2 and "actions" in out.stderr
     assert sorted(os.listdir(run / "checkpoints")) == before
+
+
+@pytest.mark.timeout(180)
+def test_periodic_evaluation_runs_beside_training(tmp_path):
+    run = tmp_path / "run"
+    out = train(
+        *FAST_MEMORY,
+        f"run.dir={run}",
+        "runtime.backend=sync",
+        "runtime.total_steps=100000000",
+        "runtime.time_limit_s=40",
+        "eval.every_steps=2048",
+        "eval.episodes=4",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    reports = sorted((run / "eval").glob("*.json"))
+    assert reports, sorted(p.name for p in (run / "eval").iterdir())
+    assert reports[0].name == "000000002048.json"
