@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -213,14 +214,18 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     ok = isinstance(value, base) and not (base in (int, float) and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{key} must be {base.__name__}, got {type(value).__name__} {value!r}")
+    if base is float and math.isnan(value):
+        raise ConfigError(f"{key} must be a number, got nan")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key}={value!r} is not valid; choices: {', '.join(choices)}")
     minimum = f.metadata.get("min")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{key}={value!r} must be >= {minimum}")
-    if base is list and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise ConfigError(f"{key} must be a list of integers, got {value!r}")
+    if base is list and not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise ConfigError(f"{key} must be a list of integers >= 0, got {value!r}")
     return value
 
 
