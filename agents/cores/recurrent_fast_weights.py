@@ -138,9 +138,10 @@ class _Resets:
         self.saved[t] = M.index_select(self.dim, self.rows[t])
         M.index_fill_(self.dim, self.rows[t], 0)
 
-    def rewind_(self, t: int, M: Tensor, gM: Tensor | None = None) -> None:
-        """Backward, after step t: put the erased weights back; the gradient does not pass."""
-        M.index_copy_(self.dim, self.rows[t], self.saved[t])
+    def rewind_(self, t: int, MT: Tensor, gM: Tensor | None = None) -> None:
+        """Backward, after step t: put the erased weights back into MT, the fast weights
+        transposed as the backward holds them; their gradient gM does not pass the reset."""
+        MT.index_copy_(self.dim, self.rows[t], self.saved[t].mT)
         if gM is not None:
             gM.index_fill_(self.dim, self.rows[t], 0)
 
@@ -165,22 +166,23 @@ def _ds_step_(
 
 
 def _ds_backward_(
-    gM: Tensor, M: Tensor, gy: Tensor, q: Tensor, k: Tensor, beta: Tensor, u: Tensor, diff: Tensor
+    gM: Tensor, MT: Tensor, gy: Tensor, q: Tensor, k: Tensor, beta: Tensor, u: Tensor, diff: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``_ds_step_`` on flat [N,...] tensors; returns gq, gk, gv, gβ.
 
-    On entry M is the written matrix and gM the gradient w.r.t. it from later steps; both are
-    rewound in place to the matrix read before the write and the gradient w.r.t. it. The rank-1
-    terms of this step (qᵀ gy and kᵀ gv) are applied as vector identities and one final update.
+    On entry MT is the written matrix, transposed (bmm reads it faster than a transposed view),
+    and gM the gradient w.r.t. the written matrix from later steps; both are rewound in place to
+    the matrix read before the write and the gradient w.r.t. it. The rank-1 terms of this step
+    (qᵀ gy and kᵀ gv) are applied as vector identities and one final update.
     """
     gu = torch.addcmul(torch.bmm(k.unsqueeze(1), gM).squeeze(1), (k * q).sum(-1, keepdim=True), gy)
     gv = beta * gu
     gk = torch.addcmul(
         torch.bmm(u.unsqueeze(1), gM.mT).squeeze(1), (u * gy).sum(-1, keepdim=True), q
     )
-    M.baddbmm_(k.unsqueeze(2), u.unsqueeze(1), alpha=-1)
+    MT.baddbmm_(u.unsqueeze(2), k.unsqueeze(1), alpha=-1)
     rows = torch.stack([gy, -gv], 1)
-    both = torch.bmm(rows, M.mT)  # gy M_oldᵀ and −gv M_oldᵀ
+    both = torch.bmm(rows, MT)  # gy M_oldᵀ and −gv M_oldᵀ
     gq = torch.addcmul(both[:, 0], (gy * u).sum(-1, keepdim=True), k)
     gk += both[:, 1]
     gM.baddbmm_(torch.stack([q, k], 2), rows)
@@ -194,8 +196,8 @@ def _ds_local_backward(
     beta: Tensor,
     u: Tensor,
     diff: Tensor,
-    M: Tensor,
-    M_rows: Tensor,
+    MT: Tensor,
+    MT_rows: Tensor,
     resets: _Resets,
     gM_last: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -203,9 +205,9 @@ def _ds_local_backward(
 
     The gradient w.r.t. each written matrix is then the rank-1 ``qᵀ gy`` (plus ``gM_last`` at the
     last step), so everything but the products with the matrices read is vector arithmetic.
-    gy, q, k, u, diff: [T,N,d]; beta: [T,N,1]; M: the final matrices [N,d,d], rewound in place;
-    M_rows: the same storage with the batch axis that ``resets`` indexes. Returns the gradients
-    w.r.t. q, k, v, β and w.r.t. the matrices step 0 read.
+    gy, q, k, u, diff: [T,N,d]; beta: [T,N,1]; MT: the final matrices transposed [N,d,d], rewound
+    in place; MT_rows: the same storage with the batch axis that ``resets`` indexes. Returns the
+    gradients w.r.t. q, k, v, β and w.r.t. the matrices step 0 read.
     """
     T, N, d = q.shape
     gu = (k * q).sum(-1, keepdim=True) * gy
@@ -214,10 +216,10 @@ def _ds_local_backward(
     rows = torch.stack([gy, gv], 2)
     both = torch.empty_like(rows)
     for t in reversed(range(T)):
-        M.baddbmm_(k[t].unsqueeze(2), u[t].unsqueeze(1), alpha=-1)
-        torch.bmm(rows[t], M.mT, out=both[t])
+        MT.baddbmm_(u[t].unsqueeze(2), k[t].unsqueeze(1), alpha=-1)
+        torch.bmm(rows[t], MT, out=both[t])
         if resets.at[t] and t > 0:
-            resets.rewind_(t, M_rows)
+            resets.rewind_(t, MT_rows)
     gy_u = (gy * u).sum(-1, keepdim=True)
     gq = torch.addcmul(both[:, :, 0], gy_u, k)
     gk = gy_u * q - both[:, :, 1]
@@ -267,7 +269,7 @@ class _DeltaRNNFast(torch.autograd.Function):
         keep, K, Bt, Q, M, U, Dif = ctx.saved_tensors
         T, B, H, _, d = Q.shape
         N = B * H * 2
-        Qf, Mw = Q.view(T, N, d), M.clone()
+        Qf, Mw = Q.view(T, N, d), M.mT.clone(memory_format=torch.contiguous_format)
         Mwf = Mw.view(N, d, d)
         gM = torch.stack([gW, gR], 2)
         gMf = gM.view(N, d, d)
@@ -349,7 +351,7 @@ class _RDNFast(torch.autograd.Function):
         keep, P, S, QK, Bt, U, Dif, M = ctx.saved_tensors
         T, H, B, d = S.shape
         N, E = H * B, 3 * d + 1
-        Mw = M.clone()
+        Mw = M.mT.clone(memory_format=torch.contiguous_format)
         Mwf = Mw.view(N, d, d)
         gM = gW.transpose(0, 1).clone(memory_format=torch.contiguous_format)
         gMf = gM.view(N, d, d)
@@ -439,7 +441,7 @@ class _DeltaLSTMFast(torch.autograd.Function):
         T, B, H, _, d = Q.shape
         N = B * H * 6
         sig_bwd = torch.ops.aten.sigmoid_backward
-        Qf, Mw = Q.view(T, N, d), M.clone()
+        Qf, Mw = Q.view(T, N, d), M.mT.clone(memory_format=torch.contiguous_format)
         Mwf = Mw.view(N, d, d)
         gM = torch.cat([gW, gR], 2)
         gMf = gM.view(N, d, d)
