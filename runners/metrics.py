@@ -7,6 +7,7 @@ Nothing here records environment variables: only the values passed in are writte
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import sys
@@ -21,6 +22,7 @@ SPS = "charts/SPS"
 LEARNING_RATE = "charts/learning_rate"
 
 _RUN_HANDLER_FLAG = "_deltabeast_run_handler"
+_log = logging.getLogger(__name__)
 _root_level_before: list[int] = []  # the root level to restore in close_run_logging
 
 
@@ -54,7 +56,7 @@ class MetricsLogger:
         if not isinstance(name, str) or not name:
             raise ValueError(f"metric name must be a non-empty string, got {name!r}")
         if self._writer is not None:
-            self._writer.add_scalar(name, float(value), global_step=int(step))
+            self._guarded(self._writer.add_scalar, name, float(value), global_step=int(step))
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """Record several scalars at the same ``step``."""
@@ -64,13 +66,28 @@ class MetricsLogger:
     def flush(self) -> None:
         """Push buffered events to disk."""
         if self._writer is not None:
-            self._writer.flush()
+            self._guarded(self._writer.flush)
 
     def close(self) -> None:
         """Flush and release the event file; later calls are no-ops."""
         if self._writer is not None:
-            self._writer.close()
+            self._guarded(self._writer.close)
             self._writer = None
+
+    def _guarded(self, call: Callable, *args, **kwargs) -> None:
+        """Run a writer call; if the disk fails (full, read-only), turn TensorBoard off for the
+        rest of the run with one error line instead of stopping training."""
+        try:
+            call(*args, **kwargs)
+        except OSError as err:
+            writer, self._writer = self._writer, None
+            _log.error(
+                "TensorBoard summaries off for the rest of this run: cannot write %s: %s",
+                self.log_dir,
+                err.strerror or err,
+            )
+            with contextlib.suppress(OSError):
+                writer.close()
 
     def __enter__(self) -> MetricsLogger:
         return self
