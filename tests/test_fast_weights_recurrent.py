@@ -78,14 +78,14 @@ def flat_outputs(y, state):
 @pytest.mark.parametrize("name", NAMES)
 def test_gradcheck(name, impl):
     # Only "full" is a true gradient; "none" is a surrogate that finite differences cannot check.
-    inputs, state = make_case(name, T=4, B=2, H=1, d=3, dtype=torch.float64)
-    done = torch.tensor([[True, False], [False, False], [False, True], [False, True]])
+    inputs, state = make_case(name, T=3, B=2, H=1, d=2, dtype=torch.float64)
+    done = torch.tensor([[True, False], [False, True], [False, True]])
 
     def f(*xs):
         n = len(inputs)
         return flat_outputs(*run(name, xs[:n], done, xs[n:], impl=impl))
 
-    # The fast path is also held to the reference below, so a cheaper random-projection check will do.
+    # The fast path is also held to the reference below: a random-projection check suffices.
     assert torch.autograd.gradcheck(f, (*inputs, *state), fast_mode=impl == "fast")
 
 
@@ -114,7 +114,7 @@ def test_fast_matches_reference(name, state_grad, T):
 def test_fast_rewind_stays_accurate_over_a_paper_length_unroll(name):
     # The fast backward rewinds M_{t-1} = M_t - k^T u; rounding must not build up over T = 50.
     T, B = 50, 2
-    inputs, state = make_case(name, T, B, H=1, d=32, seed=8)
+    inputs, state = make_case(name, T, B, H=1, d=16, seed=8)
     done = resets(T, B)
     grads = {}
     for impl in ("reference", "fast"):
