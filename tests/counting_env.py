@@ -23,14 +23,19 @@ class CountingEnv(gym.Env):
         fail_at: int = 0,
         fail_mode: str = "raise",
         fail_once_file: str | None = None,
+        bad_reward_at: int = 0,
+        bad_reward: float = float("nan"),
     ) -> None:
         """`fail_at` > 0 injects a fault at that step of the first episode: `fail_mode` "raise"
         raises, "hang" sleeps forever; with `fail_once_file` only the first process to get
-        there (the one that creates the file) fails."""
+        there (the one that creates the file) fails. `bad_reward_at` > 0 makes every reward
+        from that step on (counted over all episodes) `bad_reward`, e.g. NaN or inf."""
         self.length = length
         self.fail_at = fail_at
         self.fail_mode = fail_mode
         self.fail_once_file = fail_once_file
+        self.bad_reward_at = bad_reward_at
+        self.bad_reward = bad_reward
         self.total_steps = 0
         self.observation_space = gym.spaces.Box(0, 255, shape=(1, 4, 4), dtype=np.uint8)
         self.action_space = gym.spaces.Discrete(num_actions)
@@ -64,7 +69,10 @@ class CountingEnv(gym.Env):
         self._maybe_fail()
         self.counter += 1
         terminated = self.counter >= self.length
-        return self._obs(int(action) + 100), float(self.counter), terminated, False, {}
+        reward = float(self.counter)
+        if self.bad_reward_at and self.total_steps >= self.bad_reward_at:
+            reward = self.bad_reward
+        return self._obs(int(action) + 100), reward, terminated, False, {}
 
 
 gym.register("deltabeast-test/Counting-v0", entry_point=CountingEnv)
