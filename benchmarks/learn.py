@@ -1,0 +1,142 @@
+"""Train a preset for a wall-clock budget and record its learning curve (issue 4).
+
+Writes `<out>/<name>.csv` (one row per finished game: step, frames, minutes, return, mean of
+the last 100) and `<out>/<name>.png` (return vs frames and vs wall-clock minutes), evaluates the
+final checkpoint with evaluate.py, and prints one JSON summary line, including when the mean of
+the last 100 games first reached `--target`.
+
+    python benchmarks/learn.py --name pong-rdn --minutes 25 --target 18 [section.key=value ...]
+    python benchmarks/learn.py --name memory-rdn --config configs/memory.yaml \
+        --minutes 3 --target 0.8
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from runners.plots import RETURN_TAG, smooth  # noqa: E402
+
+FRAMES_PER_STEP = 4
+
+
+def read_games(run_dir: Path) -> np.ndarray:
+    """[n, 3] array of (step, seconds since the first log, return) per finished game."""
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    start = min(e.wall_time for tag in events.Tags()["scalars"] for e in events.Scalars(tag))
+    games = sorted(events.Scalars(RETURN_TAG), key=lambda e: e.step)
+    return np.array([(e.step, e.wall_time - start, e.value) for e in games], dtype=np.float64)
+
+
+def running_mean(values: np.ndarray, window: int = 100) -> np.ndarray:
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
+
+
+def write_csv(path: Path, games: np.ndarray, mean100: np.ndarray, frames_per_step: int) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "frames", "minutes", "return", "mean_last_100"])
+        for (step, seconds, ret), mean in zip(games, mean100, strict=True):
+            writer.writerow(
+                [int(step), int(step) * frames_per_step, f"{seconds / 60:.3f}", ret, f"{mean:.3f}"]
+            )
+
+
+def write_png(path: Path, games: np.ndarray, title: str, frames_per_step: int) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    smoothed = smooth(games[:, 2])
+    for index, (x, label) in enumerate(
+        [(games[:, 0] * frames_per_step / 1e6, "frames (millions)"), (games[:, 1] / 60, "minutes")]
+    ):
+        ax = fig.add_subplot(1, 2, index + 1)
+        ax.plot(x, games[:, 2], color="C0", alpha=0.2, linewidth=0.8)
+        ax.plot(x, smoothed, color="C0", linewidth=1.6)
+        ax.set_xlabel(label)
+        ax.set_ylabel("episodic return")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    parser.add_argument("--minutes", type=float, required=True)
+    parser.add_argument("--target", type=float, help="report when the last-100 mean reaches it")
+    parser.add_argument("--episodes", type=int, default=10, help="final evaluation episodes")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    parser.add_argument("--run-dir", help="default: runs/learn-<name>")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    run_dir = Path(args.run_dir or ROOT / "runs" / f"learn-{args.name}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        args.config,
+        f"run.dir={run_dir}",
+        "run.restart=true",
+        f"runtime.time_limit_s={args.minutes * 60}",
+        *args.overrides,
+    ]
+    subprocess.run(train, check=True, stdout=sys.stderr)
+    is_atari = (
+        "env.kind=gym" not in args.overrides and "kind: gym" not in Path(args.config).read_text()
+    )
+    frames_per_step = FRAMES_PER_STEP if is_atari else 1
+    games = read_games(run_dir)
+    mean100 = running_mean(games[:, 2])
+    write_csv(out / f"{args.name}.csv", games, mean100, frames_per_step)
+    write_png(out / f"{args.name}.png", games, f"{args.name} ({args.config})", frames_per_step)
+    evaluation = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), str(run_dir), "--episodes", str(args.episodes)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    report = json.loads(sorted((run_dir / "eval").glob("*.json"))[-1].read_text())
+    summary = {
+        "name": args.name,
+        "config": args.config,
+        "overrides": args.overrides,
+        "minutes": args.minutes,
+        "steps": int(games[-1, 0]) if len(games) else 0,
+        "games": len(games),
+        "final_mean_last_100": float(mean100[-1]) if len(games) else None,
+        "eval_mean": report["mean"],
+        "eval_episodes": len(report["episodes"]),
+    }
+    if args.target is not None:
+        hit = np.nonzero((mean100 >= args.target) & (np.arange(len(games)) >= 99))[0]
+        summary["target"] = args.target
+        summary["target_reached_minutes"] = float(games[hit[0], 1] / 60) if len(hit) else None
+        summary["target_reached_frames"] = (
+            int(games[hit[0], 0]) * frames_per_step if len(hit) else None
+        )
+    print(evaluation.stdout, file=sys.stderr)
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
