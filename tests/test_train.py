@@ -168,7 +168,7 @@ def test_periodic_evaluation_runs_beside_training(tmp_path):
         f"run.dir={run}",
         "runtime.backend=sync",
         "runtime.total_steps=100000000",
-        "runtime.time_limit_s=40",
+        "runtime.time_limit_s=25",
         "eval.every_steps=2048",
         "eval.episodes=4",
     )
