@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 SEED_STRIDE = 10_007  # actors' env seeds must not overlap
 MAX_FAILURES_IN_A_ROW = 3  # an actor failing this often without delivering stops the run
 STARTUP_TIMEOUT_S = 180.0  # a new actor imports torch and builds its env and agent first
+RESTART_WINDOW_S = 600.0  # more than MAX_RESTARTS_IN_WINDOW restarts of one actor in this
+MAX_RESTARTS_IN_WINDOW = 5  # window stop the run: a fault that recurs after every restart
 
 
 class BackendError(RuntimeError):
@@ -113,6 +115,7 @@ class _Actor:
         self.last_seen = time.monotonic()
         self.ready = False
         self.restarts = 0
+        self.restart_times: collections.deque[float] = collections.deque()
         self.failures_in_a_row = 0
         self.last_error = ""
 
@@ -170,12 +173,21 @@ class LocalBackend:
             parent_conn.send(slot)
 
     def _restart(self, actor: _Actor, reason: str) -> None:
+        now = time.monotonic()
         actor.failures_in_a_row += 1
+        actor.restart_times.append(now)
+        while actor.restart_times[0] < now - RESTART_WINDOW_S:
+            actor.restart_times.popleft()
+        detail = f":\n{actor.last_error}" if actor.last_error else ""
         if actor.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-            detail = f":\n{actor.last_error}" if actor.last_error else ""
             raise BackendError(
                 f"actor {actor.actor_id} {reason}, {actor.failures_in_a_row} times in a row "
                 f"without delivering a rollout; stopping{detail}"
+            )
+        if len(actor.restart_times) > MAX_RESTARTS_IN_WINDOW:
+            raise BackendError(
+                f"actor {actor.actor_id} {reason}: {len(actor.restart_times)} restarts within "
+                f"{RESTART_WINDOW_S:.0f} s; stopping{detail}"
             )
         log.warning("actor %d %s; restarting it with a fresh seed", actor.actor_id, reason)
         self._stop_process(actor, grace_s=1.0)

@@ -145,6 +145,10 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg)
         cfg.run.dir = str(self.run_dir)
         self.device = learner_device(cfg)
+        if cfg.runtime.backend == "ray":  # fail before anything is written if Ray is missing
+            from runners.ray_backend import import_ray
+
+            import_ray()
         self.info = probe_env(cfg)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)

@@ -203,3 +203,17 @@ def test_env_that_always_raises_stops_the_run_with_its_traceback():
             run_local_until(backend, batches=1, restarts=10, limit_s=90)
     finally:
         backend.close()
+
+
+@pytest.mark.timeout(180)
+def test_fault_that_recurs_after_every_restart_stops_the_run():
+    """NaN rewards from step 12 of each env: every fresh actor delivers, then crashes again."""
+    kwargs = {"length": LENGTH, "bad_reward_at": 12}
+    cfg = counting_config("lstm", backend="local", **{"env.kwargs": kwargs})
+    info, agent, spec = build(cfg)
+    backend = LocalBackend(cfg, info, spec, agent)
+    try:
+        with pytest.raises(BackendError, match="restarts within"):
+            run_local_until(backend, batches=10**6, restarts=10**6, limit_s=150)
+    finally:
+        backend.close()
