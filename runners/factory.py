@@ -13,17 +13,9 @@ import torch
 
 from agents import build_agent
 from envs import make_vector_env
+from envs.atari import ATARI_OPTIONS
 from runners.config import Config, ConfigError
 from runners.rollout import NUMPY_TO_TORCH, RolloutSpec
-
-ATARI_OPTIONS = (
-    "num_threads",
-    "repeat_action_probability",
-    "full_action_space",
-    "episodic_life",
-    "noop_max",
-    "max_episode_frames",
-)
 
 
 @dataclass(frozen=True)
@@ -37,7 +29,8 @@ def make_env(cfg: Config, num_envs: int, seed: int):
     """A vector env of `num_envs` for this config (see envs.make_vector_env)."""
     env_cfg = cfg.env
     if env_cfg.kind == "atari":
-        options = {name: getattr(env_cfg, name) for name in ATARI_OPTIONS}
+        # every Atari option that is also a config key (frameskip keeps the env's default)
+        options = {name: getattr(env_cfg, name) for name in ATARI_OPTIONS if hasattr(env_cfg, name)}
     else:
         options = {"kwargs": dict(env_cfg.kwargs)}
     try:
