@@ -158,6 +158,26 @@ class _SamplerState:
     pid: int | None = None
 
 
+@contextlib.contextmanager
+def _loopback_node():
+    """While inside, a Ray instance started here is a node at 127.0.0.1 serving on loopback only.
+
+    Ray 2.60 turns a node address of 127.0.0.1 into the machine's outside address unless
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER` is off, which Ray reads once, when imported, into
+    `ray_constants.ENABLE_RAY_CLUSTER`. On a node whose address is 127.0.0.1, the GCS, raylet,
+    worker and agent servers listen on 127.0.0.1; on any other address, on all interfaces.
+    The switch is off only while the private instance starts: joining a cluster needs it on.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def _connect(ray, cfg: Config) -> bool:
     """Join the configured cluster, or start a private one; True if this started Ray."""
     address = cfg.runtime.ray_address
@@ -165,11 +185,12 @@ def _connect(ray, cfg: Config) -> bool:
     try:
         if address == "local":
             needed = cfg.runtime.num_actors * cfg.runtime.ray_num_cpus_per_sampler
-            ray.init(
-                num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-            )
+            with _loopback_node():  # DESIGN §7: services bind to 127.0.0.1
+                ray.init(
+                    num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                )
         else:
             ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -36,6 +37,25 @@ def ray_daemons_below(pid: int) -> list[psutil.Process]:
     """Ray's raylet/gcs_server processes among the descendants of `pid`."""
     with_children = psutil.Process(pid).children(recursive=True)
     return [p for p in with_children if p.name() in RAY_DAEMONS]
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1, also as ::ffff:127.0.0.1 (gRPC listens on dual-stack sockets)."""
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def listening_sockets(pid: int) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of each TCP socket listening in `pid` or its descendants."""
+    found = []
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for conn in p.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((p.name(), conn.laddr.ip, conn.laddr.port))
+    return found
 
 
 def collect(backend, count: int, timeout_s: float = 60.0) -> list:
@@ -124,6 +144,23 @@ def test_a_killed_sampler_is_restarted_fresh_and_batches_keep_coming():
         assert backend.samplers[0].pid != victim  # it delivered again, from a new process
     finally:
         backend.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_private_ray_instance_listens_on_loopback_only():
+    """DESIGN §7. Every Ray 2.60 server can be kept on 127.0.0.1 here: no known exceptions."""
+    cfg = counting_config("delta", backend="ray")
+    info, agent, spec = build(cfg)
+    backend = RayBackend(cfg, info, spec, agent)
+    try:
+        collect(backend, 1)  # a sampler's worker process is up and serving
+        listening = listening_sockets(os.getpid())
+    finally:
+        backend.close()
+    names = {name for name, _, _ in listening}
+    assert set(RAY_DAEMONS) <= names and any(n.startswith("ray::Sampler") for n in names), names
+    exposed = [s for s in listening if not is_loopback(s[1])]
+    assert not exposed, f"reachable from other machines: {exposed}"
 
 
 def train(*args: str) -> subprocess.Popen:
