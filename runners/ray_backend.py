@@ -84,6 +84,28 @@ class DeviceAgent:
         return action.cpu(), logits.cpu(), value.cpu(), state
 
 
+def sampler_device(num_gpus: float) -> torch.device:
+    """Where a sampler acts: on its node's GPU if it reserved one, else on the CPU.
+
+    A GPU reservation on a node whose torch cannot use CUDA is a broken setup, not something to
+    paper over: acting on the CPU would leave the reserved GPU idle and the run far slower than
+    sized, so it stops with one line (as `runtime.device=cuda` does without CUDA). Checked on the
+    first call, so the error comes back as that call's result rather than as a crash to restart.
+    """
+    if num_gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        import ray
+
+        raise ConfigError(
+            f"runtime.ray_num_gpus_per_sampler={num_gpus:g} but torch {torch.__version__} on "
+            f"node {ray.util.get_node_ip_address()} sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); install "
+            "a CUDA build of torch on the GPU nodes, or set runtime.ray_num_gpus_per_sampler=0"
+        )
+    return torch.device("cuda")
+
+
 class Sampler:
     """A Ray actor's body: one vector env and an agent copy, one rollout per `sample()` call.
 
@@ -98,18 +120,17 @@ class Sampler:
         self.info = info
         self.spec = spec
         torch.set_num_threads(self.cfg.runtime.actor_threads)
-        use_gpu = self.cfg.runtime.ray_num_gpus_per_sampler > 0 and torch.cuda.is_available()
-        self.device = torch.device("cuda" if use_gpu else "cpu")
         self.node_id = ray.get_runtime_context().get_node_id()
         self.worker: RolloutWorker | None = None
         self.agent: torch.nn.Module | None = None
         self.version: int | None = None
 
     def _build(self, seed: int) -> None:
+        device = sampler_device(self.cfg.runtime.ray_num_gpus_per_sampler)
         torch.manual_seed(seed)
         env = make_env(self.cfg, self.spec.num_envs, seed)
         self.agent = make_agent(self.cfg, self.info).eval()
-        actor = self.agent if self.device.type == "cpu" else DeviceAgent(self.agent, self.device)
+        actor = self.agent if device.type == "cpu" else DeviceAgent(self.agent, device)
         buffers = RolloutBuffers(self.spec, 1, shared=False)
         self.worker = RolloutWorker(env, actor, buffers, seed)
 
@@ -312,6 +333,8 @@ class RayBackend:
             self._lost(sampler, exc)
             return
         except self.ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ConfigError):  # a setup problem on its node: one line
+                raise ConfigError(f"sampler {sampler.sampler_id}: {exc.cause}") from None
             raise BackendError(f"sampler {sampler.sampler_id} failed:\n{exc}") from None
         sampler.last_seen = time.monotonic()
         sampler.failed_calls = 0

@@ -163,6 +163,24 @@ def test_the_private_ray_instance_listens_on_loopback_only():
     assert not exposed, f"reachable from other machines: {exposed}"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+@pytest.mark.timeout(60)
+def test_a_gpu_sampler_on_a_node_without_cuda_stops_with_one_line(monkeypatch):
+    monkeypatch.setenv("RAY_OVERRIDE_RESOURCES", json.dumps({"GPU": 1}))  # Ray sees one GPU
+    cfg = counting_config(
+        "delta", backend="ray", **{"runtime.num_actors": 1, "runtime.ray_num_gpus_per_sampler": 1}
+    )
+    info, agent, spec = build(cfg)
+    backend = RayBackend(cfg, info, spec, agent)
+    try:
+        assert ray.cluster_resources().get("GPU") == 1  # so the sampler was placed, and ran
+        with pytest.raises(ConfigError, match="ray_num_gpus_per_sampler=1 but torch") as err:
+            collect(backend, 1, timeout_s=30)
+    finally:
+        backend.close()
+    assert str(err.value).startswith("sampler 0: ") and "\n" not in str(err.value)
+
+
 def train(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "train.py", "--config", "configs/memory.yaml", *args],
