@@ -76,19 +76,29 @@ class RolloutWorker:
         b.action[slot, t].copy_(self.action)
         b.logits[slot, t].copy_(self.logits)
 
+    def start_rollout(self, slot: int, version: int) -> None:
+        """Record what the learner replays `slot` from: the core state before index 0, and
+        the policy version acting on it."""
+        for saved, current in zip(self.buffers.initial_state, self.state, strict=True):
+            saved[slot].copy_(current)
+        self.buffers.version[slot] = version
+
+    def policy_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Action `[E]` and logits `[E, A]` for the current env outputs; advances the state."""
+        action, logits, _, self.state = self.agent.act(
+            self.obs, self.reward, self.done, self.action, self.state
+        )
+        return action, logits
+
     def fill(self, slot: int, version: int) -> None:
         """Write one rollout of T steps (T+1 entries) into `slot`."""
         b = self.buffers
-        for saved, current in zip(b.initial_state, self.state, strict=True):
-            saved[slot].copy_(current)
-        b.version[slot] = version
+        self.start_rollout(slot, version)
         b.episode_end[slot, 0] = False  # games that ended at index 0 were counted last rollout
         self._write(slot, 0)
         for t in range(b.spec.unroll_length):
             start = time.perf_counter()
-            action, logits, _, self.state = self.agent.act(
-                self.obs, self.reward, self.done, self.action, self.state
-            )
+            action, logits = self.policy_step()
             middle = time.perf_counter()
             out = self.env.step(action.numpy())
             self.env_seconds += time.perf_counter() - middle
