@@ -115,6 +115,16 @@ class RuntimeConfig:
         0, "torch threads of the learner (0: cores minus actors, at least 1)", minimum=0
     )
     actor_threads: int = _key(1, "torch threads per actor process", minimum=1)
+    inference: str = _key(
+        "actor",
+        "local backend: act with each actor's CPU copy, or one batching server process (central)",
+        choices=("actor", "central"),
+    )
+    inference_timeout_ms: float = _key(
+        2.0,
+        "central inference: serve a partial batch this long after its first request",
+        minimum=0.0,
+    )
     num_buffers: int = _key(
         0, "rollout slots in shared memory (0: twice what the learner needs)", minimum=0
     )
@@ -335,6 +345,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"runtime.ray_resources.{name}={amount!r} must be a non-negative number"
             )
+    if cfg.runtime.inference == "central" and cfg.runtime.backend != "local":
+        raise ConfigError(
+            f"runtime.inference=central needs runtime.backend=local, not {cfg.runtime.backend}"
+        )
     if cfg.learner.batch_size % per_actor:
         raise ConfigError(
             f"learner.batch_size={cfg.learner.batch_size} must be a multiple of the envs per "
