@@ -7,6 +7,11 @@ Local backend protocol: every actor owns a fixed set of rollout slots and talks 
 learner through its own pipe (slot numbers in, `(slot, timings)` out). A pipe per actor means a
 crashed or killed actor can break nothing but its own channel; the supervisor then restarts it
 with a fresh seed and hands its unfinished slots to the new process.
+
+With `runtime.inference=central` one more supervised child, the inference server
+(runners/inference_server.py), acts for every actor; each actor incarnation gets a fresh pipe
+to it, whose server end the learner passes on over the server's control pipe. The server is
+not restarted: the core states of every env live only there, so its death stops the run.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import signal
 import time
 import traceback
 from multiprocessing.connection import wait
+from multiprocessing.reduction import send_handle
 
 import torch
 import torch.multiprocessing as mp
@@ -27,6 +33,12 @@ import torch.multiprocessing as mp
 from runners.actor import RolloutWorker, SharedWeights
 from runners.config import Config, from_dict, to_dict
 from runners.factory import EnvInfo, make_agent, make_env
+from runners.inference_server import (
+    CentralRolloutWorker,
+    InferenceChannels,
+    InferenceClient,
+    InferenceServer,
+)
 from runners.rollout import Batch, RolloutBuffers, RolloutSpec
 
 log = logging.getLogger(__name__)
@@ -62,6 +74,21 @@ def _send(conn, message) -> None:
             conn.send(message)
 
 
+def _stop_child(process, conn, grace_s: float) -> None:
+    """Ask a child to stop (None on its pipe), then terminate and kill it if it lingers."""
+    _send(conn, None)
+    if process is not None:
+        process.join(grace_s)
+        if process.is_alive():
+            process.terminate()
+            process.join(2.0)
+        if process.is_alive():
+            process.kill()
+            process.join(2.0)
+    if conn is not None:
+        conn.close()
+
+
 def actor_main(
     actor_id: int,
     cfg_dict: dict,
@@ -70,8 +97,12 @@ def actor_main(
     weights: SharedWeights,
     conn,
     seed: int,
+    client: InferenceClient | None = None,
 ) -> None:
-    """Entry point of an actor process: fill the slots the learner sends until told to stop."""
+    """Entry point of an actor process: fill the slots the learner sends until told to stop.
+
+    With a `client`, the inference server acts and the actor only steps its envs.
+    """
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner coordinates shutdown
     try:
@@ -79,16 +110,20 @@ def actor_main(
         torch.set_num_threads(cfg.runtime.actor_threads)
         torch.manual_seed(seed)
         env = make_env(cfg, buffers.spec.num_envs, seed)
-        agent = make_agent(cfg, info)
-        agent.eval()
-        version = weights.load_into(agent) or 0
-        worker = RolloutWorker(env, agent, buffers, seed)
+        agent, version = None, 0
+        if client is None:
+            agent = make_agent(cfg, info)
+            agent.eval()
+            version = weights.load_into(agent) or 0
+            worker = RolloutWorker(env, agent, buffers, seed)
+        else:
+            worker = CentralRolloutWorker(env, client, buffers, seed)
         conn.send(("ready",))
         while True:
             slot = conn.recv()
             if slot is None:
                 break
-            if weights.latest_version() > version:
+            if agent is not None and weights.latest_version() > version:
                 version = weights.load_into(agent) or version
             start = time.perf_counter()
             worker.fill(slot, version)
@@ -100,6 +135,30 @@ def actor_main(
         pass  # the learner is gone or stopping
     except BaseException:
         _send(conn, ("error", traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+def server_main(
+    cfg_dict: dict,
+    info: EnvInfo,
+    channels: InferenceChannels,
+    buffers: RolloutBuffers,
+    weights: SharedWeights,
+    control,
+) -> None:
+    """Entry point of the inference server process (runtime.inference=central)."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cfg = from_dict(cfg_dict)
+        torch.set_num_threads(cfg.runtime.actor_threads)
+        server = InferenceServer(cfg, info, channels, buffers, weights)
+        control.send(("ready", str(server.device)))
+        server.run(control)
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass
+    except BaseException:
+        _send(control, ("error", traceback.format_exc()))
         raise SystemExit(1) from None
 
 
@@ -140,8 +199,70 @@ class LocalBackend:
         self.dropped_rollouts = 0
         self.timings = collections.Counter()
         self._seed_counter = 0
+        self.channels: InferenceChannels | None = None
+        self.server = self.server_conn = None
+        self.server_ready, self.server_started = False, 0.0
+        if cfg.runtime.inference == "central":
+            self.channels = InferenceChannels(spec, cfg.runtime.num_actors)
+            self._start_server()
         for actor in self.actors:
             self._start(actor)
+
+    def _start_server(self) -> None:
+        parent_conn, child_conn = self.ctx.Pipe()
+        self.server = self.ctx.Process(
+            target=server_main,
+            args=(
+                to_dict(self.cfg),
+                self.info,
+                self.channels,
+                self.buffers,
+                self.weights,
+                child_conn,
+            ),
+            name="deltabeast-inference",
+            daemon=True,
+        )
+        self.server.start()
+        child_conn.close()
+        self.server_conn = parent_conn
+        self.server_started = time.monotonic()
+
+    def _check_server(self) -> None:
+        """Stop the run if the inference server raised, died or did not come up in time."""
+        if self.server is None:
+            return
+        error, closed = "", False
+        try:
+            while not error and self.server_conn.poll():
+                message = self.server_conn.recv()
+                if message[0] == "error":
+                    error = message[1]
+                else:
+                    self.server_ready = True
+                    log.info("inference server ready on %s", message[1])
+        except (EOFError, OSError):
+            closed = True
+        if error or closed or not self.server.is_alive():
+            self.server.join(2.0)
+            what = "raised" if error else f"died (exit code {self.server.exitcode})"
+            raise BackendError(
+                f"the inference server {what}; stopping, since a restarted server would have "
+                f"lost every env's core state" + (f":\n{error}" if error else "")
+            )
+        waited = time.monotonic() - self.server_started
+        if not self.server_ready and waited > STARTUP_TIMEOUT_S:
+            raise BackendError(f"the inference server did not start within {waited:.0f} s")
+
+    def _connect_to_server(self, actor_id: int) -> InferenceClient:
+        """A fresh pipe for a new actor process: its server end goes to the server."""
+        server_end, actor_end = self.ctx.Pipe()
+        _send(self.server_conn, ("attach", actor_id))
+        with contextlib.suppress(OSError):  # a dead server is reported by _check_server
+            send_handle(self.server_conn, server_end.fileno(), self.server.pid)
+        server_end.close()
+        timeout_s = self.cfg.runtime.actor_timeout_s / 2  # fails before the learner's timeout
+        return InferenceClient(self.channels, actor_id, actor_end, timeout_s, STARTUP_TIMEOUT_S)
 
     def _next_seed(self, actor_id: int) -> int:
         self._seed_counter += 1
@@ -149,6 +270,7 @@ class LocalBackend:
 
     def _start(self, actor: _Actor) -> None:
         parent_conn, child_conn = self.ctx.Pipe()
+        client = None if self.server is None else self._connect_to_server(actor.actor_id)
         actor.process = self.ctx.Process(
             target=actor_main,
             args=(
@@ -159,12 +281,15 @@ class LocalBackend:
                 self.weights,
                 child_conn,
                 self._next_seed(actor.actor_id),
+                client,
             ),
             name=f"deltabeast-actor-{actor.actor_id}",
             daemon=True,
         )
         actor.process.start()
         child_conn.close()
+        if client is not None:
+            client.conn.close()  # the actor holds its own copy now
         actor.conn = parent_conn
         actor.ready = False
         actor.last_seen = time.monotonic()
@@ -173,6 +298,7 @@ class LocalBackend:
             parent_conn.send(slot)
 
     def _restart(self, actor: _Actor, reason: str) -> None:
+        self._check_server()  # an actor that lost the server is no reason to restart it
         now = time.monotonic()
         actor.failures_in_a_row += 1
         actor.restart_times.append(now)
@@ -195,19 +321,8 @@ class LocalBackend:
         self._start(actor)
 
     def _stop_process(self, actor: _Actor, grace_s: float) -> None:
-        _send(actor.conn, None)
-        process = actor.process
-        if process is not None:
-            process.join(grace_s)
-            if process.is_alive():
-                process.terminate()
-                process.join(2.0)
-            if process.is_alive():
-                process.kill()
-                process.join(2.0)
-        if actor.conn is not None:
-            actor.conn.close()
-            actor.conn = None
+        _stop_child(actor.process, actor.conn, grace_s)
+        actor.conn = None
 
     def _receive(self, actor: _Actor) -> None:
         try:
@@ -236,6 +351,7 @@ class LocalBackend:
 
     def _supervise(self) -> None:
         """Restart actors that died, or that hold slots but have been silent for too long."""
+        self._check_server()
         now = time.monotonic()
         for actor in self.actors:
             timeout = self.cfg.runtime.actor_timeout_s
@@ -263,8 +379,12 @@ class LocalBackend:
                 self._supervise()
                 return None
             conns = {a.conn: a for a in self.actors}
-            for conn in wait(list(conns), timeout=min(remaining, 0.5)):
-                self._receive(conns[conn])
+            server = [] if self.server_conn is None else [self.server_conn]
+            for conn in wait([*conns, *server], timeout=min(remaining, 0.5)):
+                if conn is self.server_conn:
+                    self._check_server()
+                else:
+                    self._receive(conns[conn])
             self._supervise()
         taken = [self.ready.popleft() for _ in range(self.slots_per_batch)]
         max_lag = self.cfg.runtime.max_policy_lag
@@ -289,9 +409,11 @@ class LocalBackend:
         return sum(a.restarts for a in self.actors)
 
     def pids(self) -> list[int]:
-        return [a.process.pid for a in self.actors if a.process is not None]
+        children = [a.process for a in self.actors] + [self.server]
+        return [p.pid for p in children if p is not None]
 
     def close(self) -> None:
+        """Actors first (they finish a rollout through the server), then the server."""
         for actor in self.actors:
             _send(actor.conn, None)
         deadline = time.monotonic() + 5.0
@@ -299,6 +421,9 @@ class LocalBackend:
             if actor.process is not None:
                 actor.process.join(max(0.0, deadline - time.monotonic()))
             self._stop_process(actor, grace_s=0.0)
+        if self.server is not None:
+            _stop_child(self.server, self.server_conn, grace_s=5.0)
+            self.server_conn = None
 
 
 class SyncBackend:
