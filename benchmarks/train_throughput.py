@@ -7,6 +7,7 @@ if it ran the three in turn with zero overhead. Then it trains for real and repo
 median steps/s after warm-up with the time split. One JSON object per line on stdout.
 
     python benchmarks/train_throughput.py --presets fast,fast-lstm,paper --seconds 60
+    python benchmarks/train_throughput.py --presets fast --inference central
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ def components(cfg: Config, seconds: float) -> dict[str, float]:
     learner_s = median_seconds(lambda: learner.update(batch), seconds)
 
     e = cfg.env.num_envs // cfg.runtime.num_actors
+    n = cfg.env.num_envs if cfg.runtime.inference == "central" else e  # the server acts for all
     actor = make_agent(cfg, info).eval()
-    state = actor.initial_state(e)
-    obs = torch.randint(0, 255, (e, *info.obs_shape), dtype=torch.uint8)
-    zeros, done = torch.zeros(e), torch.zeros(e, dtype=torch.bool)
-    action = torch.zeros(e, dtype=torch.int64)
+    state = actor.initial_state(n)
+    obs = torch.randint(0, 255, (n, *info.obs_shape), dtype=torch.uint8)
+    zeros, done = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+    action = torch.zeros(n, dtype=torch.int64)
     inference_s = median_seconds(lambda: actor.act(obs, zeros, done, action, state), seconds)
 
     env = make_env(cfg, e, cfg.seed)
@@ -72,7 +74,7 @@ def components(cfg: Config, seconds: float) -> dict[str, float]:
     env_s = median_seconds(lambda: env.step(rng.integers(0, info.num_actions, e)), seconds)
     env.close()
     learner_rate = per_batch / learner_s
-    inference_rate = e / inference_s
+    inference_rate = n / inference_s
     env_rate = e / env_s
     bound = 1.0 / (1.0 / learner_rate + 1.0 / inference_rate + 1.0 / env_rate)
     return {
@@ -118,6 +120,11 @@ def main() -> None:
         choices=("local", "sync", "ray"),
         help="runtime.backend for every preset (default: the preset's)",
     )
+    parser.add_argument(
+        "--inference",
+        choices=("actor", "central"),
+        help="runtime.inference for every preset (default: the preset's)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for every preset")
     args = parser.parse_args()
     for name in args.presets.split(","):
@@ -126,6 +133,8 @@ def main() -> None:
             overrides = [*preset_overrides, *args.overrides, f"agent.bf16={str(bf16).lower()}"]
             if args.backend:
                 overrides.append(f"runtime.backend={args.backend}")
+            if args.inference:
+                overrides.append(f"runtime.inference={args.inference}")
             cfg = build_config(path, overrides)
             parts = components(cfg, args.component_seconds)
             run = end_to_end(build_config(path, overrides), args.seconds, args.warmup)
@@ -135,6 +144,7 @@ def main() -> None:
                 core=cfg.agent.core,
                 bf16=bf16,
                 backend=cfg.runtime.backend,
+                inference=cfg.runtime.inference,
                 num_actors=cfg.runtime.num_actors,
                 num_envs=cfg.env.num_envs,
                 unroll_length=cfg.learner.unroll_length,
