@@ -117,12 +117,12 @@ class RuntimeConfig:
     actor_threads: int = _key(1, "torch threads per actor process", minimum=1)
     inference: str = _key(
         "actor",
-        "local backend: act with each actor's CPU copy, or one batching server process (central)",
+        "who acts: each actor's CPU copy, or one server batching all envs (GPU if available)",
         choices=("actor", "central"),
     )
     inference_timeout_ms: float = _key(
         2.0,
-        "central inference: serve a partial batch this long after its first request",
+        "central inference: serve before every actor asked, this long after the first request",
         minimum=0.0,
     )
     num_buffers: int = _key(
