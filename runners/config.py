@@ -97,6 +97,9 @@ class LearnerConfig:
         1.0, "V-trace rho-bar for the policy-gradient advantages", minimum=0.0
     )
     lambda_: float = _key(1.0, "V-trace lambda", minimum=0.0)
+    normalize_advantages: bool = _key(
+        False, "scale the policy-gradient advantages of each batch to zero mean, unit std"
+    )
     max_nan_updates: int = _key(10, "stop after this many non-finite updates in a row", minimum=1)
 
 

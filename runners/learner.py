@@ -79,7 +79,10 @@ class Learner:
         )
         log_probs = F.log_softmax(target_logits, dim=-1)
         action_log_probs = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        pg = -(action_log_probs * vt.pg_advantages).sum()
+        advantages = vt.pg_advantages
+        if cfg.normalize_advantages:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        pg = -(action_log_probs * advantages).sum()
         baseline = cfg.baseline_cost * 0.5 * (vt.vs - learner_values).pow(2).sum()
         entropy = cfg.entropy_cost * (log_probs.exp() * log_probs).sum()
         rhos = vt.log_rhos.exp()

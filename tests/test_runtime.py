@@ -113,6 +113,32 @@ def test_learner_step_moves_weights_and_lowers_loss():
     assert learner.steps == 31 * T * 4 and learner.updates == 31
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_normalized_advantages_ignore_their_scale_and_offset(monkeypatch, normalize):
+    """With learner.normalize_advantages, advantages x and 3x+2 give the same policy loss."""
+    import runners.learner as learner_module
+
+    cfg = counting_config("lstm", **{"learner.normalize_advantages": normalize})
+    info, agent, spec = build(cfg)
+    backend = SyncBackend(cfg, info, spec, agent)
+    batch = backend.next_batch()
+    backend.close()
+    learner = Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu"))
+    real = learner_module.vtrace.from_logits
+    advantages = torch.randn(T, 4, generator=torch.Generator().manual_seed(1))
+
+    def pg_loss(scale: float, offset: float) -> float:
+        def patched(**kwargs):
+            out = real(**kwargs)
+            return out._replace(pg_advantages=advantages * scale + offset)
+
+        monkeypatch.setattr(learner_module.vtrace, "from_logits", patched)
+        return learner.losses(batch)["losses/pg"].detach().item()
+
+    same = pg_loss(1.0, 0.0) == pytest.approx(pg_loss(3.0, 2.0), rel=1e-5)
+    assert same == normalize
+
+
 def test_nonfinite_update_is_skipped():
     cfg = counting_config("lstm", lr=1e-3, **{"learner.max_nan_updates": 2})
     info, agent, spec = build(cfg)
