@@ -1,0 +1,184 @@
+"""Fused Triton kernels for the Recurrent Delta Net (``rdn`` of DESIGN §3).
+
+Forward: one launch per layer runs all T steps; program (b, h) keeps W_{b,h} and R_q, R_k, R_v,
+r_b of head h in registers, reads each step's raw inputs and applies the reset rule of DESIGN §2.
+It stores the matrix each step read (after its reset) — T·B·H·d² floats, 26 MB per layer at
+the paper shapes — so the backward needs neither a recomputation pass nor the CPU path's
+rewind: it reloads W_{t-1}, recomputes the step's vectors from it and y_{t-1} (cheap), and runs
+backwards in time. Under ``state_grad="none"`` the steps' gradients do not depend on each other,
+so the backward runs one program per (b, h, t). The gradient of the shared R_q, R_k, R_v, r_b is
+one batched product outside the kernel, ``Σ_{t,b} sᵀ g_pre`` (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from agents.cores.triton_ops import (
+    STAGES,
+    delta_step,
+    delta_step_backward,
+    softmax,
+    softmax_backward,
+    tanh,
+    vecmat,
+)
+
+# Warps per program by head dim: enough threads that the [d,d] tiles of the backward
+# (R_q, R_k, R_v, W, its gradient, temporaries) fit in registers.
+NUM_WARPS = {16: 1, 32: 4, 64: 8}
+
+
+@triton.jit
+def _step_inputs(x, Rq, Rk, Rv, rb, y, D: tl.constexpr):
+    """The feedback s = tanh(y_{t-1}) and the activated q, k, v, β of one step.
+
+    x points at the step's raw inputs [q_x | k_x | v_x | b_x] (3d + 1 floats).
+    """
+    i = tl.arange(0, D)
+    s = tanh(y)
+    q = softmax(tl.load(x + i) + vecmat(s, Rq))
+    k = softmax(tl.load(x + D + i) + vecmat(s, Rk))
+    v = tl.load(x + 2 * D + i) + vecmat(s, Rv)
+    beta = tl.sigmoid(tl.load(x + 3 * D) + tl.sum(s * rb, 0))
+    return s, q, k, v, beta
+
+
+@triton.jit
+def _load_slow(Rq, Rk, Rv, rb, h, D: tl.constexpr):
+    i = tl.arange(0, D)
+    mat = h * D * D + i[:, None] * D + i[None, :]
+    return tl.load(Rq + mat), tl.load(Rk + mat), tl.load(Rv + mat), tl.load(rb + h * D + i)
+
+
+@triton.jit
+def _rdn_forward(X, Rq, Rk, Rv, rb, keep, W0, y0, Ws, Ys, W_last, T, B, H, D: tl.constexpr):
+    """X [T,B,H,3D+1]; keep [T,B]; W0 [B,H,D,D]; y0 [B,H,D]. Writes Ws [T,B,H,D,D] (the matrix
+    each step read), Ys [T+1,B,H,D] (y0, then every step's y) and W_last [B,H,D,D]."""
+    pid = tl.program_id(0).to(tl.int64)  # b * H + h
+    b, h = pid // H, pid % H
+    i = tl.arange(0, D)
+    mat = i[:, None] * D + i[None, :]
+    Rq_, Rk_, Rv_, rb_ = _load_slow(Rq, Rk, Rv, rb, h, D)
+    W = tl.load(W0 + pid * D * D + mat)
+    y = tl.load(y0 + pid * D + i)
+    tl.store(Ys + pid * D + i, y)
+    for t in tl.range(0, T, num_stages=STAGES):
+        row = t * B * H + pid
+        a = tl.load(keep + t * B + b)
+        W, y = W * a, y * a
+        tl.store(Ws + row * D * D + mat, W)
+        _, q, k, v, beta = _step_inputs(X + row * (3 * D + 1), Rq_, Rk_, Rv_, rb_, y, D)
+        y, W = delta_step(W, q, k, v, beta)
+        tl.store(Ys + (row + B * H) * D + i, y)
+    tl.store(W_last + pid * D * D + mat, W)
+
+
+@triton.jit
+def _rdn_backward(
+    X, Rq, Rk, Rv, rb, keep, Ws, Ys, gY, gW_last, gy_last, gX, S, gW0, gy0,
+    T, B, H, STEPS, D: tl.constexpr, FULL: tl.constexpr,
+):  # fmt: skip
+    """Program (b·H + h, c) runs steps [c·STEPS, (c+1)·STEPS) backwards. Writes gX (gradients
+    w.r.t. the raw inputs, X's layout), S = tanh(y_{t-1}) per step and, from the program holding
+    step 0, the initial state's gradients gW0, gy0. FULL: gradients flow between steps."""
+    pid = tl.program_id(0).to(tl.int64)
+    b, h = pid // H, pid % H
+    lo = tl.program_id(1) * STEPS
+    hi = tl.minimum(lo + STEPS, T)
+    i = tl.arange(0, D)
+    mat = i[:, None] * D + i[None, :]
+    Rq_, Rk_, Rv_, rb_ = _load_slow(Rq, Rk, Rv, rb, h, D)
+    last = (hi == T).to(tl.float32)  # the unroll's last step also gets the final state's gradient
+    gW = tl.load(gW_last + pid * D * D + mat) * last
+    gy = tl.load(gy_last + pid * D + i) * last
+    for n in tl.range(0, hi - lo, num_stages=STAGES):
+        t = hi - 1 - n
+        row = t * B * H + pid
+        a = tl.load(keep + t * B + b)
+        x = X + row * (3 * D + 1)
+        W = tl.load(Ws + row * D * D + mat)
+        s, q, k, v, beta = _step_inputs(x, Rq_, Rk_, Rv_, rb_, tl.load(Ys + row * D + i) * a, D)
+        gy += tl.load(gY + row * D + i)
+        gW, gq, gk, gv, gbeta = delta_step_backward(W, gW, gy, q, k, v, beta)
+        gq, gk, gb = softmax_backward(gq, q), softmax_backward(gk, k), gbeta * beta * (1 - beta)
+        gx = gX + row * (3 * D + 1)
+        tl.store(gx + i, gq)
+        tl.store(gx + D + i, gk)
+        tl.store(gx + 2 * D + i, gv)
+        tl.store(gx + 3 * D, gb)
+        tl.store(S + row * D + i, s)
+        gs = tl.sum(Rq_ * gq[None, :] + Rk_ * gk[None, :] + Rv_ * gv[None, :], 1) + gb * rb_
+        # Through the reset; under "none" only step 0 passes its gradient on (to the initial state).
+        if not FULL:
+            a = a * (t == 0).to(tl.float32)
+        gy = gs * (1 - s * s) * a
+        gW = gW * a
+    if lo == 0:
+        tl.store(gW0 + pid * D * D + mat, gW)
+        tl.store(gy0 + pid * D + i, gy)
+
+
+class _RDNTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, state_grad, done, qx, kx, vx, bx, Rq, Rk, Rv, rb, W0, y0):
+        T, B, H, d = qx.shape
+        X = torch.cat([qx, kx, vx, bx], -1)
+        slow = tuple(p.contiguous() for p in (Rq, Rk, Rv, rb))
+        keep = 1 - done.to(X.dtype)
+        Ws = X.new_empty(T, B, H, d, d)
+        Ys = X.new_empty(T + 1, B, H, d)
+        W_last = X.new_empty(B, H, d, d)
+        _rdn_forward[(B * H,)](
+            X, *slow, keep, W0.contiguous(), y0.contiguous(), Ws, Ys, W_last, T, B, H,
+            D=d, num_warps=NUM_WARPS[d],
+        )  # fmt: skip
+        ctx.state_grad = state_grad
+        ctx.save_for_backward(X, *slow, keep, Ws, Ys)
+        return Ys[1:], W_last, Ys[T].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gY, gW_last, gy_last):
+        X, Rq, Rk, Rv, rb, keep, Ws, Ys = ctx.saved_tensors
+        T, B, H, d = Ys.shape[0] - 1, *Ys.shape[1:]
+        gX, S = torch.empty_like(X), X.new_empty(T, B, H, d)
+        gW0, gy0 = X.new_empty(B, H, d, d), X.new_empty(B, H, d)
+        full = ctx.state_grad == "full"
+        steps = T if full else 1
+        _rdn_backward[(B * H, triton.cdiv(T, steps))](
+            X, Rq, Rk, Rv, rb, keep, Ws, Ys, gY.contiguous(), gW_last.contiguous(),
+            gy_last.contiguous(), gX, S, gW0, gy0, T, B, H, steps,
+            D=d, FULL=full, num_warps=NUM_WARPS[d],
+        )  # fmt: skip
+        gP = torch.einsum("tbhi,tbhj->hij", S, gX)  # pre = x + s [R_q | R_k | R_v | r_b]
+        return (
+            None, None, gX[..., :d], gX[..., d : 2 * d], gX[..., 2 * d : 3 * d], gX[..., 3 * d :],
+            gP[..., :d], gP[..., d : 2 * d], gP[..., 2 * d : 3 * d], gP[..., 3 * d], gW0, gy0,
+        )  # fmt: skip
+
+
+def rdn(
+    qx: Tensor,
+    kx: Tensor,
+    vx: Tensor,
+    bx: Tensor,
+    Rq: Tensor,
+    Rk: Tensor,
+    Rv: Tensor,
+    rb: Tensor,
+    done: Tensor,
+    state: tuple[Tensor, Tensor],
+    state_grad: str = "full",
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """``recurrent_fast_weights.rdn`` (same arguments, already checked) in f32 Triton kernels.
+
+    Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
+    first imported (the tests' way to check the kernels without a GPU).
+    """
+    f32 = [x.float() for x in (qx, kx, vx, bx, Rq, Rk, Rv, rb, *state)]
+    y, W, y_last = _RDNTriton.apply(state_grad, done, *f32)
+    return y, (W, y_last)
