@@ -2,15 +2,17 @@
 
 All functions are time-major and apply the reset rule of DESIGN §2: before step t every state
 tensor is multiplied by ``1 - done[t]``. ``impl="reference"`` is a plain per-step loop (the
-oracle); ``impl="fast"`` is the default learning path. ``state_grad="none"`` detaches the state
-between steps: step t's gradient reaches the state it read but stops there (the initial state
-still gets step 0's gradient).
+oracle); ``impl="fast"`` is the default learning path (fused Triton kernels on CUDA, see
+``triton_kernels``). ``state_grad="none"`` detaches the state between steps: step t's gradient
+reaches the state it read but stops there (the initial state still gets step 0's gradient).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from agents.cores import triton_kernels
 
 IMPLS = ("reference", "fast")
 STATE_GRADS = ("full", "none")
@@ -557,6 +559,10 @@ def rdn(
     _check_shapes("rdn", dict(W=(B, H, d, d), y_prev=(B, H, d)), dict(W=state[0], y_prev=state[1]))
     if impl == "reference":
         return _rdn_reference(qx, kx, vx, bx, Rq, Rk, Rv, rb, done, tuple(state), state_grad)
+    if triton_kernels.usable(qx):
+        from agents.cores.triton_rdn import rdn as rdn_triton
+
+        return rdn_triton(qx, kx, vx, bx, Rq, Rk, Rv, rb, done, tuple(state), state_grad)
     y, W, y_last = _RDNFast.apply(state_grad, done, qx, kx, vx, bx, Rq, Rk, Rv, rb, *state)
     return y, (W, y_last)
 
