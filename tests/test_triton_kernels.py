@@ -1,0 +1,157 @@
+"""The fused Triton kernels of the sequential recurrences against their per-step references.
+
+On a CUDA machine the compiled kernels run in this process. Without one, the same comparisons run
+in a subprocess under ``TRITON_INTERPRET=1`` (which must be set before triton is imported) on CPU
+tensors, and every kernel is also compiled for sm_90 to catch what the interpreter cannot.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.cores import recurrent_fast_weights as rfw
+from tests.test_fast_weights_recurrent import make_case, resets
+
+pytest.importorskip("triton", reason="triton is not installed (optional; used on CUDA only)")
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA = torch.cuda.is_available()
+TOLERANCE = 1e-5
+# recurrence -> module holding its kernels; the entry point there has the recurrence's name.
+KERNEL_MODULES = {"rdn": "agents.cores.triton_rdn"}
+ARG_NAMES = {"rdn": ("qx", "kx", "vx", "bx", "Rq", "Rk", "Rv", "rb", "W0", "y0")}
+# (recurrence, state_grad, head dim): tiny shapes, the interpreter runs every program in Python.
+CASES = [
+    (name, state_grad, d)
+    for name in KERNEL_MODULES
+    for state_grad, d in (("full", 16), ("none", 16), ("full", 32))
+]
+
+
+def case_id(case: tuple[str, str, int]) -> str:
+    return "-".join(map(str, case))
+
+
+def errors(name: str, state_grad: str, d: int, device: str) -> dict[str, float]:
+    """Largest |Triton − reference| of the outputs and of each input's gradient.
+
+    T=7 with resets at t=0, at two consecutive steps and over the whole batch in the middle, a
+    non-zero initial state, and a random cotangent on the outputs and the final state.
+    """
+    T, B, H = 7, 3, 2
+    inputs, state = make_case(name, T, B, H, d, seed=1)
+    leaves = [x.detach().to(device).requires_grad_() for x in (*inputs, *state)]
+    inputs, state = leaves[: len(inputs)], tuple(leaves[len(inputs) :])
+    done = resets(T, B).to(device)
+    kernel = getattr(importlib.import_module(KERNEL_MODULES[name]), name)
+    runs = []
+    for fn in (lambda *a, **k: getattr(rfw, name)(*a, impl="reference", **k), kernel):
+        y, final = fn(*inputs, done, state, state_grad=state_grad)
+        outputs = [y, *final]
+        gen = torch.Generator().manual_seed(2)
+        cotangents = [torch.randn(o.shape, generator=gen).to(device) for o in outputs]
+        loss = sum((o * c).sum() for o, c in zip(outputs, cotangents, strict=True))
+        runs.append((outputs, torch.autograd.grad(loss, leaves)))
+    (out_ref, grad_ref), (out_tri, grad_tri) = runs
+    result = {
+        "outputs": max(float((a - b).abs().max()) for a, b in zip(out_ref, out_tri, strict=True))
+    }
+    for arg, a, b in zip(ARG_NAMES[name], grad_ref, grad_tri, strict=True):
+        result[f"grad {arg}"] = float((a - b).abs().max())
+    return result
+
+
+def _patch_interpreter() -> None:
+    """triton 3.5's interpreter turns 1-element arrays into ints in a way numpy ≥ 2.4 rejects
+    (triton-lang/triton#9171, fixed after 3.5); ``range`` over a kernel argument needs it."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor):
+        patch(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data.squeeze())
+
+    interpreter._patch_lang_tensor = patched
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict[str, float]]:
+    if CUDA:
+        return {case_id(c): errors(*c, device="cuda") for c in CASES}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_triton_kernels"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_reference(results, case):
+    errs = results[case_id(case)]
+    bad = {k: v for k, v in errs.items() if not v <= TOLERANCE}
+    assert not bad, f"{case_id(case)}: max |triton - reference| above {TOLERANCE}: {bad}"
+
+
+@pytest.mark.parametrize("name", list(KERNEL_MODULES))
+@pytest.mark.skipif(CUDA, reason="the CUDA run above compiles and runs the kernels")
+def test_kernels_compile_for_sm90(name):
+    """Every kernel compiles for an H100/H200 (sm_90) at head dims 32 and 64, no GPU needed.
+
+    Kernel arguments named T, B, H, STEPS are i32, other non-constexpr ones f32 pointers."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = importlib.import_module(KERNEL_MODULES[name])
+    for kernel in module.KERNELS:
+        flags = [p.name for p in kernel.params if p.is_constexpr and p.name != "D"]
+        for d in (32, 64):
+            for value in (True, False) if flags else (None,):
+                consts = {"D": d, **{flag: value for flag in flags}}
+                signature = {
+                    p: "constexpr"
+                    if p in consts
+                    else "i32"
+                    if p in ("T", "B", "H", "STEPS")
+                    else "*fp32"
+                    for p in kernel.arg_names
+                }
+                triton.compile(
+                    ASTSource(kernel, signature=signature, constexprs=consts),
+                    target=GPUTarget("cuda", 90, 32),
+                    options={"num_warps": module.NUM_WARPS[d]},
+                )
+
+
+def test_cpu_tensors_keep_the_cpu_fast_path():
+    inputs, state = make_case("rdn", 3, 2, 2, 16)
+    y, _ = rfw.rdn(*inputs, resets(3, 2), tuple(state))
+    assert type(y.grad_fn).__name__ == "_RDNFastBackward"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_tensors_dispatch_to_triton():
+    inputs, state = make_case("rdn", 3, 2, 2, 16)
+    cuda = [x.detach().cuda().requires_grad_() for x in (*inputs, *state)]
+    y, _ = rfw.rdn(*cuda[:8], resets(3, 2).cuda(), tuple(cuda[8:]))
+    assert type(y.grad_fn).__name__ == "_RDNTritonBackward"
+
+
+if __name__ == "__main__":  # the interpreter run of ``results``, in a fresh process
+    _patch_interpreter()
+    print(json.dumps({case_id(c): errors(*c, device="cpu") for c in CASES}))
