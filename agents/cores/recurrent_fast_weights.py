@@ -525,6 +525,10 @@ def delta_rnn(
     _check_shapes("delta_rnn", dict(y_prev=(B, H, d)), dict(y_prev=state[2]))
     if impl == "reference":
         return _delta_rnn_reference(q, k, v, beta, rk, rv, rbeta, done, tuple(state), state_grad)
+    if triton_kernels.usable(q):
+        from agents.cores.triton_delta_rnn import delta_rnn as delta_rnn_triton
+
+        return delta_rnn_triton(q, k, v, beta, rk, rv, rbeta, done, tuple(state), state_grad)
     y, W, R, y_last = _DeltaRNNFast.apply(state_grad, done, q, k, v, beta, rk, rv, rbeta, *state)
     return y, (W, R, y_last)
 
