@@ -26,8 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
 TOLERANCE = 1e-5
 # recurrence -> module holding its kernels; the entry point there has the recurrence's name.
-KERNEL_MODULES = {"rdn": "agents.cores.triton_rdn"}
-ARG_NAMES = {"rdn": ("qx", "kx", "vx", "bx", "Rq", "Rk", "Rv", "rb", "W0", "y0")}
+KERNEL_MODULES = {"rdn": "agents.cores.triton_rdn", "delta_rnn": "agents.cores.triton_delta_rnn"}
+ARG_NAMES = {
+    "rdn": ("qx", "kx", "vx", "bx", "Rq", "Rk", "Rv", "rb", "W0", "y0"),
+    "delta_rnn": ("q", "k", "v", "beta", "rk", "rv", "rbeta", "W0", "R0", "y0"),
+}
 # (recurrence, state_grad, head dim): tiny shapes, the interpreter runs every program in Python.
 CASES = [
     (name, state_grad, d)
@@ -138,18 +141,21 @@ def test_kernels_compile_for_sm90(name):
                 )
 
 
-def test_cpu_tensors_keep_the_cpu_fast_path():
-    inputs, state = make_case("rdn", 3, 2, 2, 16)
-    y, _ = rfw.rdn(*inputs, resets(3, 2), tuple(state))
-    assert type(y.grad_fn).__name__ == "_RDNFastBackward"
+FUNCTIONS = {"rdn": "_RDN", "delta_rnn": "_DeltaRNN"}  # autograd Function names, less the path
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_cuda_tensors_dispatch_to_triton():
-    inputs, state = make_case("rdn", 3, 2, 2, 16)
-    cuda = [x.detach().cuda().requires_grad_() for x in (*inputs, *state)]
-    y, _ = rfw.rdn(*cuda[:8], resets(3, 2).cuda(), tuple(cuda[8:]))
-    assert type(y.grad_fn).__name__ == "_RDNTritonBackward"
+@pytest.mark.parametrize("name", list(KERNEL_MODULES))
+def test_impl_fast_dispatch(name):
+    """CPU tensors keep the CPU fast path; CUDA tensors (when present) take the kernels."""
+    inputs, state = make_case(name, 3, 2, 2, 16)
+    y, _ = getattr(rfw, name)(*inputs, resets(3, 2), tuple(state))
+    assert type(y.grad_fn).__name__ == f"{FUNCTIONS[name]}FastBackward"
+    if CUDA:
+        cuda = [x.detach().cuda().requires_grad_() for x in (*inputs, *state)]
+        y, _ = getattr(rfw, name)(
+            *cuda[: len(inputs)], resets(3, 2).cuda(), tuple(cuda[len(inputs) :])
+        )
+        assert type(y.grad_fn).__name__ == f"{FUNCTIONS[name]}TritonBackward"
 
 
 if __name__ == "__main__":  # the interpreter run of ``results``, in a fresh process
