@@ -13,24 +13,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from agents.cores.triton_ops import (
-    STAGES,
-    delta_step,
-    delta_step_backward,
-    softmax,
-    softmax_backward,
-)
+from agents.cores.triton_ops import STAGES, dual_step, dual_step_backward, softmax, softmax_backward
 
 NUM_WARPS = {16: 1, 32: 4, 64: 8}  # warps per program by head dim (see triton_rdn)
-
-
-@triton.jit
-def _load_step(x, D: tl.constexpr):
-    """One step's q, k, v, β, k̃, ṽ, β̃ from x, its row [q | k | v | β | k̃ | ṽ | β̃] of X."""
-    i = tl.arange(0, D)
-    q, k, v, beta = tl.load(x + i), tl.load(x + D + i), tl.load(x + 2 * D + i), tl.load(x + 3 * D)
-    rk, rv, rbeta = tl.load(x + 3 * D + 1 + i), tl.load(x + 4 * D + 1 + i), tl.load(x + 5 * D + 1)
-    return q, k, v, beta, rk, rv, rbeta
 
 
 @triton.jit
@@ -52,10 +37,7 @@ def _delta_rnn_forward(X, keep, W0, R0, y0, Ms, Ys, W_last, R_last, T, B, H, D: 
         W, R, y = W * a, R * a, y * a
         tl.store(Ms + 2 * row * D * D + mat, W)
         tl.store(Ms + (2 * row + 1) * D * D + mat, R)
-        q, k, v, beta, rk, rv, rbeta = _load_step(X + row * (5 * D + 2), D)
-        z, W = delta_step(W, q, k, v, beta)
-        r, R = delta_step(R, softmax(y), rk, rv, rbeta)
-        y = r + z
+        y, W, R = dual_step(W, R, softmax(y), X + row * (5 * D + 2), D)
         tl.store(Ys + (row + B * H) * D + i, y)
     tl.store(W_last + pid * D * D + mat, W)
     tl.store(R_last + pid * D * D + mat, R)
@@ -83,23 +65,11 @@ def _delta_rnn_backward(
         t = hi - 1 - n
         row = t * B * H + pid
         a = tl.load(keep + t * B + b)
-        q, k, v, beta, rk, rv, rbeta = _load_step(X + row * (5 * D + 2), D)
         s = softmax(tl.load(Ys + row * D + i) * a)
         gy += tl.load(gY + row * D + i)
-        gW, gq, gk, gv, gbeta = delta_step_backward(
-            tl.load(Ms + 2 * row * D * D + mat), gW, gy, q, k, v, beta
-        )
-        gR, gs, grk, grv, grbeta = delta_step_backward(
-            tl.load(Ms + (2 * row + 1) * D * D + mat), gR, gy, s, rk, rv, rbeta
-        )
-        gx = gX + row * (5 * D + 2)
-        tl.store(gx + i, gq)
-        tl.store(gx + D + i, gk)
-        tl.store(gx + 2 * D + i, gv)
-        tl.store(gx + 3 * D, gbeta)
-        tl.store(gx + 3 * D + 1 + i, grk)
-        tl.store(gx + 4 * D + 1 + i, grv)
-        tl.store(gx + 5 * D + 1, grbeta)
+        W, R = tl.load(Ms + 2 * row * D * D + mat), tl.load(Ms + (2 * row + 1) * D * D + mat)
+        x, gx = X + row * (5 * D + 2), gX + row * (5 * D + 2)
+        gW, gR, gs = dual_step_backward(W, R, gW, gR, gy, s, x, gx, D)
         # Through the reset; under "none" only step 0 passes its gradient on (to the initial state).
         if not FULL:
             a = a * (t == 0).to(tl.float32)

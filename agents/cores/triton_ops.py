@@ -69,3 +69,48 @@ def delta_step_backward(M, gM, gy, q, k, v, beta):
     gk = tl.sum(gM * u[None, :] - M * gv[None, :], 1)
     gM = gM - k[:, None] * gv[None, :]
     return gM, gq, gk, gv, tl.sum(gu * diff, 0)
+
+
+@triton.jit
+def _load_dual_step(x, D: tl.constexpr):
+    """The inputs of one step's two delta steps, on W and on R: q, k, v, β, k̃, ṽ, β̃ from x, a row
+    laid out [q | k | v | β | k̃ | ṽ | β̃] (5D + 2 floats)."""
+    i = tl.arange(0, D)
+    q, k, v, beta = tl.load(x + i), tl.load(x + D + i), tl.load(x + 2 * D + i), tl.load(x + 3 * D)
+    rk, rv, rbeta = tl.load(x + 3 * D + 1 + i), tl.load(x + 4 * D + 1 + i), tl.load(x + 5 * D + 1)
+    return q, k, v, beta, rk, rv, rbeta
+
+
+@triton.jit
+def _store_dual_step(x, q, k, v, beta, rk, rv, rbeta, D: tl.constexpr):
+    """Write a row in ``_load_dual_step``'s layout."""
+    i = tl.arange(0, D)
+    tl.store(x + i, q)
+    tl.store(x + D + i, k)
+    tl.store(x + 2 * D + i, v)
+    tl.store(x + 3 * D, beta)
+    tl.store(x + 3 * D + 1 + i, rk)
+    tl.store(x + 4 * D + 1 + i, rv)
+    tl.store(x + 5 * D + 1, rbeta)
+
+
+@triton.jit
+def dual_step(W, R, s, x, D: tl.constexpr):
+    """The Delta RNN's step (and each Delta LSTM gate's): ``DS(W; q,k,v,β) + DS(R; s,k̃,ṽ,β̃)``
+    with the inputs at x (``_load_dual_step``'s layout); returns the summed read, W and R."""
+    q, k, v, beta, rk, rv, rbeta = _load_dual_step(x, D)
+    z, W = delta_step(W, q, k, v, beta)
+    r, R = delta_step(R, s, rk, rv, rbeta)
+    return z + r, W, R
+
+
+@triton.jit
+def dual_step_backward(W, R, gW, gR, g, s, x, gx, D: tl.constexpr):
+    """Backward of ``dual_step`` from the W and R it read, given g (gradient of the read) and
+    gW, gR (of the written matrices). Writes the inputs' gradients to gx in x's layout; returns
+    the gradients w.r.t. W, R and s."""
+    q, k, v, beta, rk, rv, rbeta = _load_dual_step(x, D)
+    gW, gq, gk, gv, gbeta = delta_step_backward(W, gW, g, q, k, v, beta)
+    gR, gs, grk, grv, grbeta = delta_step_backward(R, gR, g, s, rk, rv, rbeta)
+    _store_dual_step(gx, gq, gk, gv, gbeta, grk, grv, grbeta, D)
+    return gW, gR, gs
