@@ -601,5 +601,9 @@ def delta_lstm(
     _check_shapes("delta_lstm", dict(h=vec, c=vec), dict(h=state[2], c=state[3]))
     if impl == "reference":
         return _delta_lstm_reference(q, k, v, beta, rk, rv, rbeta, done, tuple(state), state_grad)
+    if triton_kernels.usable(q):
+        from agents.cores.triton_delta_lstm import delta_lstm as delta_lstm_triton
+
+        return delta_lstm_triton(q, k, v, beta, rk, rv, rbeta, done, tuple(state), state_grad)
     y, W, R, h, c = _DeltaLSTMFast.apply(state_grad, done, q, k, v, beta, rk, rv, rbeta, *state)
     return y, (W, R, h, c)
