@@ -25,18 +25,23 @@ pytest.importorskip("triton", reason="triton is not installed (optional; used on
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
 TOLERANCE = 1e-5
-# recurrence -> module holding its kernels; the entry point there has the recurrence's name.
-KERNEL_MODULES = {"rdn": "agents.cores.triton_rdn", "delta_rnn": "agents.cores.triton_delta_rnn"}
+# Each recurrence's kernels live in agents/cores/triton_<name>.py, entry point <name>.
 ARG_NAMES = {
     "rdn": ("qx", "kx", "vx", "bx", "Rq", "Rk", "Rv", "rb", "W0", "y0"),
     "delta_rnn": ("q", "k", "v", "beta", "rk", "rv", "rbeta", "W0", "R0", "y0"),
+    "delta_lstm": ("q", "k", "v", "beta", "rk", "rv", "rbeta", "W0", "R0", "h0", "c0"),
 }
+FUNCTIONS = {"rdn": "_RDN", "delta_rnn": "_DeltaRNN", "delta_lstm": "_DeltaLSTM"}  # autograd
 # (recurrence, state_grad, head dim): tiny shapes, the interpreter runs every program in Python.
 CASES = [
     (name, state_grad, d)
-    for name in KERNEL_MODULES
+    for name in ARG_NAMES
     for state_grad, d in (("full", 16), ("none", 16), ("full", 32))
 ]
+
+
+def kernel_module(name: str):
+    return importlib.import_module(f"agents.cores.triton_{name}")
 
 
 def case_id(case: tuple[str, str, int]) -> str:
@@ -54,7 +59,7 @@ def errors(name: str, state_grad: str, d: int, device: str) -> dict[str, float]:
     leaves = [x.detach().to(device).requires_grad_() for x in (*inputs, *state)]
     inputs, state = leaves[: len(inputs)], tuple(leaves[len(inputs) :])
     done = resets(T, B).to(device)
-    kernel = getattr(importlib.import_module(KERNEL_MODULES[name]), name)
+    kernel = getattr(kernel_module(name), name)
     runs = []
     for fn in (lambda *a, **k: getattr(rfw, name)(*a, impl="reference", **k), kernel):
         y, final = fn(*inputs, done, state, state_grad=state_grad)
@@ -62,7 +67,7 @@ def errors(name: str, state_grad: str, d: int, device: str) -> dict[str, float]:
         gen = torch.Generator().manual_seed(2)
         cotangents = [torch.randn(o.shape, generator=gen).to(device) for o in outputs]
         loss = sum((o * c).sum() for o, c in zip(outputs, cotangents, strict=True))
-        runs.append((outputs, torch.autograd.grad(loss, leaves)))
+        runs.append(([o.detach() for o in outputs], torch.autograd.grad(loss, leaves)))
     (out_ref, grad_ref), (out_tri, grad_tri) = runs
     result = {
         "outputs": max(float((a - b).abs().max()) for a, b in zip(out_ref, out_tri, strict=True))
@@ -110,7 +115,7 @@ def test_matches_reference(results, case):
     assert not bad, f"{case_id(case)}: max |triton - reference| above {TOLERANCE}: {bad}"
 
 
-@pytest.mark.parametrize("name", list(KERNEL_MODULES))
+@pytest.mark.parametrize("name", list(ARG_NAMES))
 @pytest.mark.skipif(CUDA, reason="the CUDA run above compiles and runs the kernels")
 def test_kernels_compile_for_sm90(name):
     """Every kernel compiles for an H100/H200 (sm_90) at head dims 32 and 64, no GPU needed.
@@ -120,7 +125,7 @@ def test_kernels_compile_for_sm90(name):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module = importlib.import_module(KERNEL_MODULES[name])
+    module = kernel_module(name)
     for kernel in module.KERNELS:
         flags = [p.name for p in kernel.params if p.is_constexpr and p.name != "D"]
         for d in (32, 64):
@@ -141,10 +146,7 @@ def test_kernels_compile_for_sm90(name):
                 )
 
 
-FUNCTIONS = {"rdn": "_RDN", "delta_rnn": "_DeltaRNN"}  # autograd Function names, less the path
-
-
-@pytest.mark.parametrize("name", list(KERNEL_MODULES))
+@pytest.mark.parametrize("name", list(ARG_NAMES))
 def test_impl_fast_dispatch(name):
     """CPU tensors keep the CPU fast path; CUDA tensors (when present) take the kernels."""
     inputs, state = make_case(name, 3, 2, 2, 16)
