@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from agents.cores import chunks
+from agents.cores.chunks import Chunks
 from agents.cores.recurrent_fast_weights import delta_lstm, delta_rnn, rdn
 
 __all__ = ["IMPLS", "delta_lstm", "delta_rnn", "delta_rule", "linear_attention", "phi", "rdn"]
@@ -80,51 +82,13 @@ def _chunked(
 
     Within a chunk starting from state W0 and with segment ids `seg = cumsum(done)`, step t sees
     W0 only if no reset happened in the chunk up to t (`seg_t == 0`) and sees the writes of the
-    earlier steps s ≤ t of its own segment. The writes are `kᵀ u` with `u = v` (linear attention)
-    or, for the delta rule, the pseudo-values (UT transform)
-    `u_t = β_t (v_t − [seg_t=0] k_t W0 − Σ_{s<t, same segment} (k_t·k_s) u_s)`,
-    one unit-lower-triangular solve per chunk.
+    earlier steps s ≤ t of its own segment (`agents.cores.chunks`).
     """
-    T, B, H, _ = q.shape
-    n_chunks = -(-T // chunk_size)
-    C = -(-T // n_chunks)  # near-equal chunks of at most chunk_size steps: little padding
-    pad = n_chunks * C - T
-
-    def blocks(x: Tensor) -> Tensor:  # [T,B,H,e] -> [N,B,H,C,e]; padded steps have k = v = β = 0
-        if pad:
-            x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, pad))
-        return x.view(n_chunks, C, B, H, -1).permute(0, 2, 3, 1, 4).contiguous()
-
-    Q, K, V = blocks(q), blocks(k), blocks(v)
-    if pad:
-        done = F.pad(done, (0, 0, 0, pad))
-    seg = done.view(n_chunks, C, B).transpose(1, 2).cumsum(-1)  # [N,B,C] segment id in the chunk
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    same = (seg[..., :, None] == seg[..., None, :]) & causal  # [N,B,C,C]: s ≤ t, one segment
-    same = same.to(q.dtype)[:, :, None]  # [N,B,1,C,C]
-    sees_w0 = (seg == 0).to(q.dtype)[:, :, None, :, None]  # [N,B,1,C,1]
-    in_last = (seg == seg[..., -1:]).to(q.dtype)[:, :, None, :, None]  # [N,B,1,C,1]
-    scores = (Q @ K.mT) * same  # [N,B,H,C,C]: q_t·k_s over the steps s that t can see
-    if beta is not None:
-        Bb = blocks(beta)
-        Bk = Bb * K
-        # A = I + strict lower part of (β K Kᵀ ⊙ same); solved as Uᵀ Aᵀ = rhsᵀ, which hands LAPACK
-        # column-major operands without copies. unitriangular=True ignores the diagonal.
-        A = (Bk @ K.mT) * same
-    ys = []
-    for n in range(n_chunks):
-        g = sees_w0[n]
-        if beta is None:
-            U = V[n]
-        else:
-            rhs = Bb[n] * V[n] - g * (Bk[n] @ W)
-            U = torch.linalg.solve_triangular(
-                A[n].mT, rhs.mT, upper=True, left=False, unitriangular=True
-            ).mT
-        ys.append(g * (Q[n] @ W) + scores[n] @ U)
-        W = g[..., -1:, :] * W + (in_last[n] * K[n]).mT @ U
-    y = torch.stack(ys).permute(0, 3, 1, 2, 4)  # [N,C,B,H,dv]
-    return y.reshape(n_chunks * C, B, H, -1)[:T], W
+    ch = Chunks.of(done, chunk_size, q.dtype)
+    Q, K, V = ch.split(q), ch.split(k), ch.split(v)
+    scores = ch.scores(Q, K)
+    starts, Us, W = chunks.writes(ch, K, V, None if beta is None else ch.split(beta), W)
+    return ch.merge(chunks.read(ch, Q, scores, starts, Us)), W
 
 
 def _dispatch(
