@@ -21,6 +21,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = CONFIG_DIR / "default.yaml"
 CORE_CHOICES = ("ff", "lstm", "lt", "delta", "delta_rnn", "delta_lstm", "rdn")
+INIT_CHOICES = ("orthogonal", "default")
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,11 @@ class AgentConfig:
     core: str = _key("rdn", "recurrent core", choices=CORE_CHOICES)
     prev_action: bool = _key(False, "feed the one-hot previous action to the core")
     bf16: bool = _key(False, "run the torso under bf16 autocast")
+    init: str = _key(
+        "default",
+        "torso/head initialisation (orthogonal: see agents.initialize_)",
+        choices=INIT_CHOICES,
+    )
 
 
 @dataclass

@@ -84,6 +84,7 @@ def make_agent(cfg: Config, info: EnvInfo) -> torch.nn.Module:
             core_kwargs=core_kwargs(cfg),
             prev_action=cfg.agent.prev_action,
             bf16=cfg.agent.bf16,
+            init=cfg.agent.init,
         )
     except ValueError as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None

@@ -143,3 +143,40 @@ def test_bf16_torso_runs_and_is_close():
     assert not torch.equal(logits, logits16)  # bf16 really ran
     torch.testing.assert_close(logits16, logits, rtol=0, atol=0.02)
     torch.testing.assert_close(value16, value, rtol=0, atol=0.02)
+
+
+def test_orthogonal_init_gains_and_a_near_uniform_first_policy():
+    torch.manual_seed(0)
+    agent = build_agent("nature", "lstm", (4, 84, 84), 6, init="orthogonal")
+    default = build_agent("nature", "lstm", (4, 84, 84), 6)
+    assert sum(p.numel() for p in agent.parameters()) == sum(
+        p.numel() for p in default.parameters()
+    )
+    for layer, gain in ((agent.torso.fc, 2**0.5), (agent.policy, 0.01), (agent.baseline, 1.0)):
+        w = layer.weight.flatten(1)
+        rows = min(w.shape)
+        gram = w @ w.T if w.shape[0] == rows else w.T @ w
+        torch.testing.assert_close(gram, gain**2 * torch.eye(rows), atol=1e-4, rtol=1e-4)
+        assert torch.count_nonzero(layer.bias) == 0
+    conv = agent.torso.body[0].weight.flatten(1)  # 32 x 256: orthonormal rows times the gain
+    torch.testing.assert_close(conv @ conv.T, 2.0 * torch.eye(32), atol=1e-4, rtol=1e-4)
+    # the core is left as the core built it
+    for (name, a), (_, b) in zip(
+        agent.core.named_parameters(), default.core.named_parameters(), strict=True
+    ):
+        assert a.shape == b.shape, name
+    obs = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
+    zeros = torch.zeros(5)
+    _, logits, _, _ = agent.act(obs, zeros, zeros.bool(), zeros.long(), agent.initial_state(5))
+    assert logits.abs().max() < 0.1
+
+
+def test_init_choices_agree_with_the_config_and_unknown_is_one_line():
+    from agents import INIT_SCHEMES
+    from runners.config import INIT_CHOICES
+
+    assert set(INIT_SCHEMES) == set(INIT_CHOICES)
+    with pytest.raises(
+        ValueError, match="unknown init 'xavier'; choose one of orthogonal, default"
+    ):
+        build_agent("nature", "ff", (4, 84, 84), 6, init="xavier")
