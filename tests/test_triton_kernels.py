@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from agents.cores import make_core, triton_kernels
 from agents.cores import recurrent_fast_weights as rfw
 from tests.test_fast_weights_recurrent import make_case, resets
 
@@ -77,6 +78,46 @@ def errors(name: str, state_grad: str, d: int, device: str) -> dict[str, float]:
     return result
 
 
+def core_errors(name: str, device: str) -> dict:
+    """|kernels − torch fast path| / max(1, |torch fast path|) of a whole one-layer core (the
+    dispatch from ``impl="fast"``, the block's strided inputs): output, final state, gradients
+    w.r.t. the input, the initial state and every parameter; and which runs used the kernels."""
+    T, B = 5, 2
+    torch.manual_seed(0)
+    core = make_core(name, 8, hidden_size=16, num_layers=1, num_heads=2, head_dim=16, ff_size=16)
+    core = core.to(device)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(T, B, 8, generator=gen).to(device)
+    state = [(0.3 * torch.randn(s.shape, generator=gen)).to(device) for s in core.initial_state(B)]
+    done = resets(T, B).to(device)
+    runs, paths = [], []
+    for kernels in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, *state)]
+        with triton_kernels.forced(kernels):
+            y, final = core(leaves[0], done, tuple(leaves[1:]))
+        paths.append(f"{FUNCTIONS[name]}TritonBackward" in graph_node_names(y))
+        loss = y.square().sum() + sum(f.square().sum() for f in final)
+        grads = torch.autograd.grad(loss, [*leaves, *core.parameters()])
+        runs.append([t.detach() for t in (y, *final, *grads)])
+    torch_fast, kernels = runs
+    worst = max(
+        float((a - b).abs().max() / b.abs().max().clamp_min(1))
+        for a, b in zip(kernels, torch_fast, strict=True)
+    )
+    return {"worst": worst, "paths": paths}
+
+
+def graph_node_names(y: torch.Tensor) -> set[str]:
+    """Class names of every autograd node y depends on."""
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}
+
+
 def _patch_interpreter() -> None:
     """triton 3.5's interpreter turns 1-element arrays into ints in a way numpy ≥ 2.4 rejects
     (triton-lang/triton#9171, fixed after 3.5); ``range`` over a kernel argument needs it."""
@@ -91,10 +132,15 @@ def _patch_interpreter() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+def all_errors(device: str) -> dict[str, dict]:
+    found = {case_id(c): errors(*c, device=device) for c in CASES}
+    return found | {f"core-{name}": core_errors(name, device) for name in ARG_NAMES}
+
+
 @pytest.fixture(scope="module")
-def results() -> dict[str, dict[str, float]]:
+def results() -> dict[str, dict]:
     if CUDA:
-        return {case_id(c): errors(*c, device="cuda") for c in CASES}
+        return all_errors("cuda")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_triton_kernels"],
@@ -113,6 +159,15 @@ def test_matches_reference(results, case):
     errs = results[case_id(case)]
     bad = {k: v for k, v in errs.items() if not v <= TOLERANCE}
     assert not bad, f"{case_id(case)}: max |triton - reference| above {TOLERANCE}: {bad}"
+
+
+@pytest.mark.parametrize("name", list(ARG_NAMES))
+def test_core_matches_torch_fast_path(results, name):
+    worst, paths = results[f"core-{name}"]["worst"], results[f"core-{name}"]["paths"]
+    assert paths == [False, True], (
+        f"{name} core: kernels used in (torch path, kernel path): {paths}"
+    )
+    assert worst <= TOLERANCE, f"{name} core: kernels vs torch fast path, relative error {worst}"
 
 
 @pytest.mark.parametrize("name", list(ARG_NAMES))
@@ -162,4 +217,4 @@ def test_impl_fast_dispatch(name):
 
 if __name__ == "__main__":  # the interpreter run of ``results``, in a fresh process
     _patch_interpreter()
-    print(json.dumps({case_id(c): errors(*c, device="cpu") for c in CASES}))
+    print(json.dumps(all_errors("cpu")))
