@@ -4,7 +4,9 @@ Runs on a bare GPU host (torch only; no gymnasium/ale-py needed). One JSON objec
   - parity: every FWP core, fast vs per-step reference on CUDA (outputs, input and parameter
     gradients, with resets inside the unroll), and CUDA fast vs CPU fast;
   - core: fwd+bwd ms at T=50/B=32 (paper) and T=512/B=32 for fast and reference impls, next to
-    cuDNN nn.LSTM(257, 256);
+    cuDNN nn.LSTM(257, 256); for rdn, delta_rnn and delta_lstm the fast impl is the fused Triton
+    kernels (when triton is installed), timed next to the torch fast path they replace;
+  - recurrence: the same comparison for one layer's recurrence alone (H=4, d=32), no block;
   - learner: paper preset learner (IMPALA ResNet + core, T=50, B=32) steps/s, f32 and bf16.
 
     python benchmarks/gpu_bench.py [--quick]
@@ -13,6 +15,7 @@ Runs on a bare GPU host (torch only; no gymnasium/ale-py needed). One JSON objec
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -22,11 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agents import build_agent, make_core  # noqa: E402
+from agents.cores import recurrent_fast_weights as rfw  # noqa: E402
+from agents.cores import triton_kernels  # noqa: E402
 from benchmarks._common import median_seconds, random_batch  # noqa: E402
 from runners.config import LearnerConfig  # noqa: E402
 from runners.learner import Learner  # noqa: E402
 
 FWP = ("lt", "delta", "delta_rnn", "delta_lstm", "rdn")
+SEQUENTIAL = ("delta_rnn", "delta_lstm", "rdn")  # fast impl on CUDA: the fused Triton kernels
 INPUT = 257
 
 
@@ -117,6 +123,37 @@ def core_time(name: str, impl: str, t: int, b: int, seconds: float) -> float:
     return 1000 * median_seconds(step, seconds, sync=sync)
 
 
+def recurrence_time(name: str, t: int, b: int, seconds: float) -> float:
+    """fwd+bwd ms of one recurrence call (H=4, d=32) on activated random inputs, zero state."""
+    h, d = 4, 32
+    gen = torch.Generator().manual_seed(0)
+    gates = (3,) if name == "delta_lstm" else ()
+    n_seq = 4 if name == "rdn" else 7
+    scalar = (3,) if name == "rdn" else (3, 6)  # the β inputs, width 1
+
+    def leaf(x):
+        return x.to(DEVICE).requires_grad_(True)
+
+    seq = [
+        leaf(torch.randn(t, b, h, *gates, 1, generator=gen).sigmoid())
+        if i in scalar
+        else leaf(torch.randn(t, b, h, *gates, d, generator=gen).softmax(-1))
+        for i in range(n_seq)
+    ]
+    slow = [leaf(torch.randn(h, d, d, generator=gen) * d**-0.5) for _ in range(3)]
+    slow = [*slow, leaf(torch.randn(h, d, generator=gen) * d**-0.5)] if name == "rdn" else []
+    layer = make_core(name, INPUT).fwps[0]
+    state = tuple(torch.zeros(b, *shape, device=DEVICE) for shape in layer.state_shapes())
+    _, done = inputs(t, b, DEVICE)
+    fn = getattr(rfw, name)
+
+    def step():
+        y, _ = fn(*seq, *slow, done, state)
+        y.sum().backward()
+
+    return 1000 * median_seconds(step, seconds, sync=sync)
+
+
 def learner_rate(core: str, torso: str, bf16: bool, seconds: float) -> float:
     torch.manual_seed(0)
     agent = build_agent(torso, core, (4, 84, 84), 6, bf16=bf16).to(DEVICE)
@@ -142,6 +179,9 @@ def main() -> None:
         name=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         torch=torch.__version__,
         cudnn=torch.backends.cudnn.version(),
+        triton=importlib.import_module("triton").__version__
+        if triton_kernels.triton_installed()
+        else None,
     )
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -154,16 +194,30 @@ def main() -> None:
         for name in FWP:
             fast_ms = core_time(name, "fast", t, 32, seconds)
             ref_ms = core_time(name, "reference", t, 32, seconds)
+            kernels = name in SEQUENTIAL and DEVICE == "cuda" and triton_kernels.triton_installed()
+            extra = {}
+            if kernels:
+                with triton_kernels.forced(False):
+                    extra["torch_fast_ms"] = core_time(name, "fast", t, 32, seconds)
+                extra["triton_speedup_vs_torch_fast"] = extra["torch_fast_ms"] / fast_ms
             emit(
                 check="core",
                 core=name,
                 T=t,
                 B=32,
+                fast_impl="triton" if kernels else "torch",
                 fast_ms=fast_ms,
                 reference_ms=ref_ms,
                 speedup_vs_reference=ref_ms / fast_ms,
                 ratio_to_cudnn_lstm=fast_ms / lstm_ms,
+                **extra,
             )
+            if kernels:
+                triton_ms = recurrence_time(name, t, 32, seconds)
+                with triton_kernels.forced(False):
+                    torch_ms = recurrence_time(name, t, 32, seconds)
+                emit(check="recurrence", core=name, T=t, B=32, triton_ms=triton_ms,
+                     torch_fast_ms=torch_ms, triton_speedup=torch_ms / triton_ms)  # fmt: skip
     learners = (("impala", "rdn"), ("impala", "delta"), ("impala", "lstm"))
     for torso, core in learners if "learner" in checks else ():
         for bf16 in (False, True):
