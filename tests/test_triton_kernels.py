@@ -170,12 +170,18 @@ def test_core_matches_torch_fast_path(results, name):
     assert worst <= TOLERANCE, f"{name} core: kernels vs torch fast path, relative error {worst}"
 
 
+def arg_type(name: str, consts: dict) -> str:
+    """A kernel argument's type for ``triton.compile``: T, B, H, STEPS are i32, the rest (but
+    constexprs) f32 pointers."""
+    if name in consts:
+        return "constexpr"
+    return "i32" if name in ("T", "B", "H", "STEPS") else "*fp32"
+
+
 @pytest.mark.parametrize("name", list(ARG_NAMES))
 @pytest.mark.skipif(CUDA, reason="the CUDA run above compiles and runs the kernels")
 def test_kernels_compile_for_sm90(name):
-    """Every kernel compiles for an H100/H200 (sm_90) at head dims 32 and 64, no GPU needed.
-
-    Kernel arguments named T, B, H, STEPS are i32, other non-constexpr ones f32 pointers."""
+    """Every kernel compiles for an H100/H200 (sm_90) at head dims 32 and 64, no GPU needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -186,14 +192,7 @@ def test_kernels_compile_for_sm90(name):
         for d in (32, 64):
             for value in (True, False) if flags else (None,):
                 consts = {"D": d, **{flag: value for flag in flags}}
-                signature = {
-                    p: "constexpr"
-                    if p in consts
-                    else "i32"
-                    if p in ("T", "B", "H", "STEPS")
-                    else "*fp32"
-                    for p in kernel.arg_names
-                }
+                signature = {p: arg_type(p, consts) for p in kernel.arg_names}
                 triton.compile(
                     ASTSource(kernel, signature=signature, constexprs=consts),
                     target=GPUTarget("cuda", 90, 32),
