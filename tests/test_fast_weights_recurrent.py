@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from agents.cores import chunked_recurrences
 from agents.cores.recurrent_fast_weights import delta_lstm, delta_rnn, rdn
 
 NAMES = ("delta_rnn", "rdn", "delta_lstm")
@@ -107,6 +108,30 @@ def test_fast_matches_reference(name, state_grad, T):
     for a, b in zip(*(results[i][0] for i in ("reference", "fast")), strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     for a, b in zip(*(results[i][1] for i in ("reference", "fast")), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 25])
+@pytest.mark.parametrize("state_grad", ["full", "none"])
+@pytest.mark.parametrize("name", ["delta_rnn", "delta_lstm"])
+def test_chunked_matches_reference_across_chunk_boundaries(name, state_grad, chunk):
+    # T = 10 in chunks of 1, 3 (padded), 4 (padded) or one chunk; resets at t = 0, at the start
+    # of a chunk of 4 (t = 4) and of 3 (t = 6, whole batch), inside chunks, on consecutive steps.
+    T, B = 10, 3
+    inputs, state = make_case(name, T, B, H=2, d=4, seed=9)
+    done = torch.zeros(T, B, dtype=torch.bool)
+    done[0, 0] = done[4, 1] = done[5, 2] = done[7, 0] = done[8, 0] = True
+    done[6] = True
+    fast = getattr(chunked_recurrences, name)
+    results = []
+    for f in (FUNCS[name], fast):
+        kw = {"impl": "reference"} if f is FUNCS[name] else {"chunk_size": chunk}
+        y, final = f(*inputs, done, tuple(state), state_grad=state_grad, **kw)
+        outs = flat_outputs(y, final)
+        g = torch.Generator().manual_seed(10)
+        cotangents = [torch.randn(o.shape, generator=g) for o in outs]
+        results.append([*outs, *torch.autograd.grad(outs, [*inputs, *state], cotangents)])
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 

@@ -59,6 +59,16 @@ class Chunks:
             x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, self.n * self.C - self.T))
         return x.view(self.n, self.C, *x.shape[1:]).permute(0, 2, 3, 1, 4).contiguous()
 
+    def stack(self, *xs: Tensor) -> Tensor:
+        """Several ``[T,B,H,e]`` -> ``[n,P,B,H,C,e]`` (P = len(xs)), one copy each."""
+        T, B, H, e = xs[0].shape
+        out = xs[0].new_empty(self.n, len(xs), B, H, self.C, e)
+        for p, x in enumerate(xs):
+            if self.n * self.C > T:
+                x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, self.n * self.C - T))
+            out[:, p].copy_(x.view(self.n, self.C, B, H, e).permute(0, 2, 3, 1, 4))
+        return out
+
     def scores(self, Q: Tensor, K: Tensor) -> Tensor:
         """``q_t·k_s`` over the steps s that t sees, ``[n,B,H,C,C]``."""
         return (Q @ K.mT) * self.same

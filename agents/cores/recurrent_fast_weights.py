@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from agents.cores import triton_kernels
+from agents.cores import chunked_recurrences, triton_kernels
 
 IMPLS = ("reference", "fast")
 STATE_GRADS = ("full", "none")
@@ -113,14 +113,14 @@ def _delta_lstm_reference(q, k, v, beta, rk, rv, rbeta, done, state, state_grad)
 
 # ----------------------------------------------------------------------------- fast paths
 #
-# The recurrences are sequential, so the fast paths keep the loop but take autograd out of it:
-# each is a torch.autograd.Function whose forward updates one working copy of the fast weights in
-# place (it stays in cache) and whose backward is a hand-written reverse-time loop. The backward
-# rewinds the fast weights exactly as they were written, M_{t-1} = M_t − kᵀu with the stored u,
-# restoring a saved copy where a reset zeroed them. All fast-weight matrices of a recurrence (W
-# and R, or the six of the Delta LSTM) form one batch of N [d,d] matrices, so a step is a few bmm
-# calls. With state_grad="none" the gradients are local to each step and computed for all steps
-# at once; only the rewind remains a loop.
+# On the CPU, delta_rnn and delta_lstm write every fast weight from inputs only, so they run
+# chunk-parallel (agents.cores.chunked_recurrences). The Recurrent Delta Net's keys depend on the
+# previous output, so its fast path keeps the loop but takes autograd out of it: a
+# torch.autograd.Function whose forward updates one working copy of the fast weights in place (it
+# stays in cache) and whose backward is a hand-written reverse-time loop. The backward rewinds the
+# fast weights exactly as they were written, M_{t-1} = M_t − kᵀu with the stored u, restoring a
+# saved copy where a reset zeroed them. With state_grad="none" the gradients are local to each
+# step and computed for all steps at once; only the rewind remains a loop.
 
 
 class _Resets:
@@ -233,77 +233,6 @@ def _ds_local_backward(
     return gq, gk, gv, (gu * diff).sum(-1, keepdim=True), gM0
 
 
-class _DeltaRNNFast(torch.autograd.Function):
-    """Delta RNN with [W, R] as one [B,H,2,d,d] batch read by [q_t, softmax(y_{t-1})]."""
-
-    @staticmethod
-    def forward(ctx, state_grad, done, q, k, v, beta, rk, rv, rbeta, W0, R0, y0):
-        T, B, H, d = q.shape
-        N = B * H * 2
-        resets = _Resets(done, q.dtype, batch_dim=0)
-        keep = resets.keep
-        K = torch.stack([k, rk], 3).view(T, N, d)
-        V = torch.stack([v, rv], 3).view(T, N, d)
-        Bt = torch.stack([beta, rbeta], 3).view(T, N, 1)
-        Q = torch.stack([q, q], 3)  # slot 1 becomes softmax(y_{t-1}) in the loop
-        M = torch.stack([W0, R0], 2)
-        Mf, Qf = M.view(N, d, d), Q.view(T, N, d)
-        Ys = q.new_empty(T + 1, B, H, d)
-        Ys[0] = y0
-        U, Dif = [], []
-        for t in range(T):
-            yp = Ys[t]
-            if resets.at[t]:
-                resets.erase_(t, M)
-                yp = yp * keep[t].view(B, 1, 1)
-            Q[t, :, :, 1] = torch.softmax(yp, -1)
-            y, diff, u = _ds_step_(Mf, Qf[t], K[t], V[t], Bt[t])
-            U.append(u)
-            Dif.append(diff)
-            torch.sum(y.view(B, H, 2, d), 2, out=Ys[t + 1])
-        ctx.state_grad, ctx.resets = state_grad, resets
-        ctx.save_for_backward(keep, K, Bt, Q, M, torch.stack(U), torch.stack(Dif))
-        return Ys[1:], M[:, :, 0].clone(), M[:, :, 1].clone(), Ys[T].clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gY, gW, gR, gy_last):
-        keep, K, Bt, Q, M, U, Dif = ctx.saved_tensors
-        T, B, H, _, d = Q.shape
-        N = B * H * 2
-        Qf, Mw = Q.view(T, N, d), M.mT.clone(memory_format=torch.contiguous_format)
-        Mwf = Mw.view(N, d, d)
-        gM = torch.stack([gW, gR], 2)
-        gMf = gM.view(N, d, d)
-        if ctx.state_grad == "none":
-            gy = gY.clone()
-            gy[-1] += gy_last
-            gO = gy.unsqueeze(3).expand(T, B, H, 2, d).reshape(T, N, d)
-            gQ, gK, gV, gBt, gM0 = _ds_local_backward(
-                gO, Qf, K, Bt, U, Dif, Mwf, Mw, ctx.resets, gMf
-            )
-            gQ = gQ.view(T, B, H, 2, d)
-            gy0 = _softmax_bwd(gQ[0, :, :, 1], Q[0, :, :, 1]) * keep[0].view(B, 1, 1)
-            gM = gM0.view(B, H, 2, d, d) * keep[0].view(B, 1, 1, 1, 1)
-        else:
-            grads, gy0 = [], gy_last
-            for t in reversed(range(T)):
-                gO = (gY[t] + gy0).unsqueeze(2).expand(B, H, 2, d).reshape(N, d)
-                gq, gk, gv, gb = _ds_backward_(gMf, Mwf, gO, Qf[t], K[t], Bt[t], U[t], Dif[t])
-                gq = gq.view(B, H, 2, d)
-                gy0 = _softmax_bwd(gq[:, :, 1], Q[t, :, :, 1])
-                if ctx.resets.at[t]:
-                    ctx.resets.rewind_(t, Mw, gM)
-                    gy0 = gy0 * keep[t].view(B, 1, 1)
-                grads.append((gq, gk, gv, gb))
-            gQ, gK, gV, gBt = (torch.stack(g[::-1]) for g in zip(*grads, strict=True))
-        gK, gV, gBt = gK.view(T, B, H, 2, d), gV.view(T, B, H, 2, d), gBt.view(T, B, H, 2, 1)
-        return (
-            None, None, gQ[:, :, :, 0], gK[:, :, :, 0], gV[:, :, :, 0], gBt[:, :, :, 0],
-            gK[:, :, :, 1], gV[:, :, :, 1], gBt[:, :, :, 1], gM[:, :, 0], gM[:, :, 1], gy0,
-        )  # fmt: skip
-
-
 class _RDNFast(torch.autograd.Function):
     """Recurrent Delta Net, laid out head-major [H,B] so the feedback is one baddbmm per step."""
 
@@ -398,100 +327,6 @@ class _RDNFast(torch.autograd.Function):
         )  # fmt: skip
 
 
-class _DeltaLSTMFast(torch.autograd.Function):
-    """Delta LSTM with (W_i, W_u, W_o, R_i, R_u, R_o) as one [B,H,6,d,d] batch."""
-
-    @staticmethod
-    def forward(ctx, state_grad, done, q, k, v, beta, rk, rv, rbeta, W0, R0, h0, c0):
-        T, B, H, _, d = q.shape
-        N = B * H * 6
-        resets = _Resets(done, q.dtype, batch_dim=0)
-        keep = resets.keep
-        K = torch.cat([k, rk], 3).view(T, N, d)
-        V = torch.cat([v, rv], 3).view(T, N, d)
-        Bt = torch.cat([beta, rbeta], 3).view(T, N, 1)
-        Q = torch.cat([q, q], 3)  # slots 3: become softmax(h_{t-1}) in the loop
-        M = torch.cat([W0, R0], 2)
-        Mf, Qf = M.view(N, d, d), Q.view(T, N, d)
-        Hs, Cs = q.new_empty(T + 1, B, H, d), q.new_empty(T + 1, B, H, d)
-        Hs[0], Cs[0] = h0, c0
-        G = q.new_empty(T, B, H, 3, d)  # gates i, u, o
-        U, Dif = [], []
-        for t in range(T):
-            hp, cp = Hs[t], Cs[t]
-            if resets.at[t]:
-                resets.erase_(t, M)
-                hp, cp = hp * keep[t].view(B, 1, 1), cp * keep[t].view(B, 1, 1)
-            Q[t, :, :, 3:] = torch.softmax(hp, -1).unsqueeze(2)
-            read, diff, u = _ds_step_(Mf, Qf[t], K[t], V[t], Bt[t])
-            U.append(u)
-            Dif.append(diff)
-            read = read.view(B, H, 2, 3, d)
-            g = torch.add(read[:, :, 0], read[:, :, 1], out=G[t])
-            g[:, :, 0::2].sigmoid_()
-            i, ug, o = g.unbind(2)
-            torch.addcmul(cp, i, ug - cp, out=Cs[t + 1])
-            torch.mul(o, Cs[t + 1], out=Hs[t + 1])
-        ctx.state_grad, ctx.resets = state_grad, resets
-        ctx.save_for_backward(keep, K, Bt, Q, M, torch.stack(U), torch.stack(Dif), G, Cs)
-        return Hs[1:], M[:, :, :3].clone(), M[:, :, 3:].clone(), Hs[T].clone(), Cs[T].clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gY, gW, gR, gh_last, gc_last):
-        keep, K, Bt, Q, M, U, Dif, G, Cs = ctx.saved_tensors
-        T, B, H, _, d = Q.shape
-        N = B * H * 6
-        sig_bwd = torch.ops.aten.sigmoid_backward
-        Qf, Mw = Q.view(T, N, d), M.mT.clone(memory_format=torch.contiguous_format)
-        Mwf = Mw.view(N, d, d)
-        gM = torch.cat([gW, gR], 2)
-        gMf = gM.view(N, d, d)
-        if ctx.state_grad == "none":
-            gh = gY.clone()
-            gh[-1] += gh_last
-            i, ug, o = G.unbind(3)
-            cp = Cs[:-1] * keep.view(T, B, 1, 1)
-            gc = gh * o
-            gc[-1] += gc_last
-            gpre = torch.stack([sig_bwd(gc * (ug - cp), i), gc * i, sig_bwd(gh * Cs[1:], o)], 3)
-            gO = torch.cat([gpre, gpre], 3).view(T, N, d)
-            gQ, gK, gV, gBt, gM0 = _ds_local_backward(
-                gO, Qf, K, Bt, U, Dif, Mwf, Mw, ctx.resets, gMf
-            )
-            gQ = gQ.view(T, B, H, 6, d)
-            keep0 = keep[0].view(B, 1, 1)
-            gh0 = _softmax_bwd(gQ[0, :, :, 3:].sum(2), Q[0, :, :, 3]) * keep0
-            gc0 = (gc[0] - gpre[0, :, :, 1]) * keep0
-            gM = gM0.view(B, H, 6, d, d) * keep[0].view(B, 1, 1, 1, 1)
-        else:
-            grads, gh0, gc0 = [], gh_last, gc_last
-            for t in reversed(range(T)):
-                gh = gY[t] + gh0
-                i, ug, o = G[t].unbind(2)
-                cp = Cs[t] * keep[t].view(B, 1, 1) if ctx.resets.at[t] else Cs[t]
-                gc = torch.addcmul(gc0, gh, o)
-                gpre = torch.stack(
-                    [sig_bwd(gc * (ug - cp), i), gc * i, sig_bwd(gh * Cs[t + 1], o)], 2
-                )
-                gO = torch.cat([gpre, gpre], 2).view(N, d)
-                gq, gk, gv, gb = _ds_backward_(gMf, Mwf, gO, Qf[t], K[t], Bt[t], U[t], Dif[t])
-                gq = gq.view(B, H, 6, d)
-                gh0 = _softmax_bwd(gq[:, :, 3:].sum(2), Q[t, :, :, 3])
-                gc0 = gc - gpre[:, :, 1]
-                if ctx.resets.at[t]:
-                    ctx.resets.rewind_(t, Mw, gM)
-                    gh0, gc0 = gh0 * keep[t].view(B, 1, 1), gc0 * keep[t].view(B, 1, 1)
-                grads.append((gq, gk, gv, gb))
-            gQ, gK, gV, gBt = (torch.stack(g[::-1]) for g in zip(*grads, strict=True))
-        gK, gV, gBt = gK.view(T, B, H, 6, d), gV.view(T, B, H, 6, d), gBt.view(T, B, H, 6, 1)
-        return (
-            None, None, gQ[:, :, :, :3], gK[:, :, :, :3], gV[:, :, :, :3], gBt[:, :, :, :3],
-            gK[:, :, :, 3:], gV[:, :, :, 3:], gBt[:, :, :, 3:], gM[:, :, :3], gM[:, :, 3:],
-            gh0, gc0,
-        )  # fmt: skip
-
-
 # ----------------------------------------------------------------------------- public API
 
 
@@ -529,8 +364,7 @@ def delta_rnn(
         from agents.cores.triton_delta_rnn import delta_rnn as delta_rnn_triton
 
         return delta_rnn_triton(q, k, v, beta, rk, rv, rbeta, done, tuple(state), state_grad)
-    y, W, R, y_last = _DeltaRNNFast.apply(state_grad, done, q, k, v, beta, rk, rv, rbeta, *state)
-    return y, (W, R, y_last)
+    return chunked_recurrences.delta_rnn(q, k, v, beta, rk, rv, rbeta, done, state, state_grad)
 
 
 def rdn(
@@ -605,5 +439,4 @@ def delta_lstm(
         from agents.cores.triton_delta_lstm import delta_lstm as delta_lstm_triton
 
         return delta_lstm_triton(q, k, v, beta, rk, rv, rbeta, done, tuple(state), state_grad)
-    y, W, R, h, c = _DeltaLSTMFast.apply(state_grad, done, q, k, v, beta, rk, rv, rbeta, *state)
-    return y, (W, R, h, c)
+    return chunked_recurrences.delta_lstm(q, k, v, beta, rk, rv, rbeta, done, state, state_grad)
