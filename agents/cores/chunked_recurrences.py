@@ -69,18 +69,22 @@ class _Writes:
         gQ = torch.empty_like(Q[:, :q_rows])
         gK, gV, gBt = torch.empty_like(K), torch.empty_like(V), torch.empty_like(Bt)
         r = q_rows
+        end_grad = bool(gM.any())  # the final state is usually not in the loss
         for c in reversed(range(ch.n)):
-            g, same = ch.sees_w0[c], ch.same[c]
+            g, same, last = ch.sees_w0[c], ch.same[c], ch.in_last[c]
             k, u, M0, q, gz, bt = K[c], U[c], self.starts[c], Q[c], GZ[c], Bt[c]
             bk = bt * k
             # reads: z = g (q M0) + (q kᵀ ⊙ same) u; the chunk's end state g_last M0 + (l k)ᵀ u
-            lk = ch.in_last[c] * k
             scores = torch.matmul(q, k.mT).mul_(same)
-            gU = torch.matmul(scores.mT, gz).add_(torch.matmul(lk, gM))
+            gU = torch.matmul(scores.mT, gz)
             gsc = torch.matmul(gz, u.mT).mul_(same)
             torch.matmul(gsc[:r], k[:r], out=gQ[c]).addcmul_(g[:r], torch.matmul(gz[:r], M0[:r].mT))
-            gk = torch.matmul(gsc.mT, q).addcmul_(ch.in_last[c], torch.matmul(u, gM.mT))
-            gM0 = torch.matmul(q.mT, g * gz).addcmul_(g[..., -1:, :], gM)
+            gk = torch.matmul(gsc.mT, q)
+            gM0 = torch.matmul(q.mT, g * gz)
+            if end_grad:
+                gU.add_(torch.matmul(last * k, gM))
+                gk.addcmul_(last, torch.matmul(u, gM.mT))
+                gM0.addcmul_(g[..., -1:, :], gM)
             # u = A⁻¹ (β v − g β k M0) with A = I + strict(β k kᵀ ⊙ same)
             A = torch.matmul(bk, k.mT).mul_(same)
             grhs = torch.linalg.solve_triangular(
@@ -94,7 +98,7 @@ class _Writes:
             torch.mul(bt, grhs, out=gV[c])
             gBt[c] = (grhs * V[c] - nbk * k).sum(-1, keepdim=True)
             gK[c] = gk
-            gM = gM0
+            gM, end_grad = gM0, True
         return gQ, gK, gV, gBt, gM
 
     def backward_local(
