@@ -43,14 +43,26 @@ def _one_minus_eye(ch: Chunks) -> Tensor:
 class _Writes:
     """The chunk-parallel delta-rule writes of the stacked rules and their backward.
 
-    K, V ``[n,R,H',C,d]``, Bt ``[n,R,H',C,1]`` (R rows: W and R rules of every sample), M the
-    state before the unroll ``[R,H',d,d]``; ``ch`` has the reset masks of the R rows.
+    K, V ``[n,R,H',C,d]``, Bt ``[n,R,H',C,1]`` (R rows: W and R rules of every sample); the
+    chunks' start states ``[n,R,H',d,d]``, pseudo-values U (like V) and the final state;
+    ``ch`` has the reset masks of the R rows.
     """
 
-    def __init__(self, ch: Chunks, K: Tensor, V: Tensor, Bt: Tensor, M: Tensor) -> None:
+    def __init__(
+        self, ch: Chunks, K: Tensor, V: Tensor, Bt: Tensor, starts: Tensor, U: Tensor, end: Tensor
+    ) -> None:
         self.ch, self.K, self.V, self.Bt = ch, K, V, Bt
-        starts, Us, self.end = chunks.writes(ch, K, V, Bt, M)
-        self.starts, self.U = torch.stack(starts), torch.stack(Us)
+        self.starts, self.U, self.end = starts, U, end
+
+    @staticmethod
+    def compute(ch: Chunks, K: Tensor, V: Tensor, Bt: Tensor, M: Tensor) -> _Writes:
+        """The writes from the state M ``[R,H',d,d]`` before the unroll."""
+        starts, Us, end = chunks.writes(ch, K, V, Bt, M)
+        return _Writes(ch, K, V, Bt, torch.stack(starts), torch.stack(Us), end)
+
+    def saved(self) -> tuple[Tensor, ...]:
+        """What ``__init__`` needs besides the chunks, for ``save_for_backward``."""
+        return self.K, self.V, self.Bt, self.starts, self.U, self.end
 
     def read(self, chq: Chunks, Q: Tensor) -> Tensor:
         """``q_t W_t`` of the first rows (chunked ``[n,B,H',C,d]``, masks ``chq``)."""
@@ -148,12 +160,15 @@ class _Feedback:
     def __init__(self, ch: Chunks, R0: Tensor, RK: Tensor, U: Tensor, G: int) -> None:
         n, B, HG, C, d = RK.shape
         w = d + C
-        self.R0, self.RK = R0, RK
+        self.R0, self.RK, self.U = R0, RK, U
         self.C, self.B, self.G, self.d, self.w = C, B, G, d, w
-        self.Ks = torch.cat([R0, RK.mT], -1).view(n, -1, d, w).unbind(0)
-        self.Us = U.view(n, -1, C, d).unbind(0)
         mask = torch.cat([ch.sees_w0[:, :, 0].expand(n, B, C, d), ch.same[:, :, 0]], -1)
         self.masks = mask.transpose(1, 2).reshape(n * C, B, 1, w)[: ch.T].unbind(0)
+
+    def prepare_forward(self) -> None:
+        n = self.R0.shape[0]
+        self.Ks = torch.cat([self.R0, self.RK.mT], -1).view(n, -1, self.d, self.w).unbind(0)
+        self.Us = self.U.view(n, -1, self.C, self.d).unbind(0)
 
     def step(self, t: int, s: Tensor, z: Tensor, out: Tensor) -> None:
         """``out = z + s R_t`` for every matrix of every head."""
@@ -168,7 +183,7 @@ class _Feedback:
         n = self.R0.shape[0]
         KT = torch.cat([self.R0.mT, self.RK], -2)  # [n,B,HG,w,d]
         self.KTs = KT.view(n, -1, self.G * self.w, self.d).unbind(0)
-        self.UTs = [u.mT.contiguous() for u in self.Us]
+        self.UTs = self.U.view(n, -1, self.C, self.d).mT.contiguous().unbind(0)
 
     def step_back(self, t: int, gr: Tensor) -> Tensor:
         """The gradient w.r.t. s (``[B·H,1,d]``) given gr, that of every ``s R_t``."""
@@ -179,20 +194,44 @@ class _Feedback:
 
 
 def _prepare(
-    done: Tensor, chunk_size: int, q: Tensor, pairs: tuple[tuple[Tensor, Tensor], ...], M: Tensor
-) -> tuple[Chunks, _Writes, Tensor, Tensor]:
+    done: Tensor,
+    chunk_size: int,
+    q: Tensor,
+    pairs: tuple[tuple[Tensor, Tensor], ...],
+    M: Tensor,
+    G: int,
+) -> tuple[Chunks, _Writes, _Feedback, Tensor, Tensor]:
     """Chunk the unroll, compute the writes of [W; R] and the reads of W by q.
 
-    Returns the chunks of the samples, the writes, the chunked q ``[n,B,H',C,d]`` and the W reads
-    ``[T,B·H',1,d]``.
+    Returns the chunks of the samples, the writes, the feedback reads (ready for the forward),
+    the chunked q ``[n,B,H',C,d]`` and the W reads ``[T,B·H',1,d]``.
     """
     T, B, Hg, d = q.shape
     ch = Chunks.of(done, chunk_size, q.dtype)
-    ch2 = Chunks.of(done.repeat(1, 2), chunk_size, q.dtype)
     K, V, Bt = (ch.stack(a, b).flatten(1, 2) for a, b in pairs)
-    writes = _Writes(ch2, K, V, Bt, M)
+    wr = _Writes.compute(Chunks.of(done.repeat(1, 2), chunk_size, q.dtype), K, V, Bt, M)
+    fb = _feedback(ch, wr, G)
+    fb.prepare_forward()
     Q = ch.split(q)
-    return ch, writes, Q, ch.merge(writes.read(ch, Q)).reshape(T, B * Hg, 1, d)
+    return ch, wr, fb, Q, ch.merge(wr.read(ch, Q)).reshape(T, B * Hg, 1, d)
+
+
+def _feedback(ch: Chunks, wr: _Writes, G: int) -> _Feedback:
+    B = wr.K.shape[1] // 2
+    return _Feedback(ch, wr.starts[:, B:], wr.K[:, B:], wr.U[:, B:], G)
+
+
+def _save(ctx, state_grad: str, chunk_size: int, done: Tensor, wr: _Writes, *more: Tensor) -> None:
+    ctx.state_grad, ctx.chunk_size = state_grad, chunk_size
+    ctx.save_for_backward(done, *wr.saved(), *more)
+
+
+def _restore(ctx, dtype: torch.dtype) -> tuple[Chunks, _Writes, Tensor, list[Tensor]]:
+    """What ``_save`` saved: the chunks, the writes, done and the other tensors."""
+    done, *saved = ctx.saved_tensors
+    ch = Chunks.of(done, ctx.chunk_size, dtype)
+    wr = _Writes(Chunks.of(done.repeat(1, 2), ctx.chunk_size, dtype), *saved[:6])
+    return ch, wr, done, saved[6:]
 
 
 class _DeltaRNNChunked(torch.autograd.Function):
@@ -201,8 +240,7 @@ class _DeltaRNNChunked(torch.autograd.Function):
         T, B, H, d = q.shape
         N = B * H
         pairs = ((k, rk), (v, rv), (beta, rbeta))
-        ch, wr, Q, z = _prepare(done, chunk_size, q, pairs, torch.cat([W0, R0]))
-        fb = _Feedback(ch, wr.starts[:, B:], wr.K[:, B:], wr.U[:, B:], 1)
+        ch, wr, fb, Q, z = _prepare(done, chunk_size, q, pairs, torch.cat([W0, R0]), 1)
         keep = (1 - done.to(q.dtype)).unsqueeze(-1)  # [T,B,1]
         at = done.any(1).tolist()
         Y = q.new_empty(T + 1, N, 1, d)
@@ -214,15 +252,14 @@ class _DeltaRNNChunked(torch.autograd.Function):
                 yp = (yp.view(B, -1) * keep[t]).view(N, 1, d)
             S.append(torch.softmax(yp, -1))
             fb.step(t, S[t], z[t], Y[t + 1])
-        ctx.state_grad, ctx.ch, ctx.wr, ctx.fb, ctx.at = state_grad, ch, wr, fb, at
-        ctx.save_for_backward(keep, Q, torch.stack(S).view(T, B, H, d))
+        _save(ctx, state_grad, chunk_size, done, wr, Q, torch.stack(S).view(T, B, H, d))
         return Y[1:].view(T, B, H, d), wr.end[:B], wr.end[B:]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY, gW, gR):
-        keep, Q, S = ctx.saved_tensors
-        ch, wr, fb = ctx.ch, ctx.wr, ctx.fb
+        ch, wr, done, (Q, S) = _restore(ctx, gY.dtype)
+        keep = (1 - done.to(gY.dtype)).unsqueeze(-1)
         T, B, H, d = S.shape
         N = B * H
         QS = torch.cat([Q, ch.split(S)], 1)
@@ -235,13 +272,14 @@ class _DeltaRNNChunked(torch.autograd.Function):
             gq, gs0 = gQ[:, :B], gQ[0, B:, :, 0]
             gy0 = _softmax_bwd(gs0, S[0]) * keep[0].view(B, 1, 1)
         else:
+            fb, at = _feedback(ch, wr, 1), done.any(1).tolist()
             fb.prepare_backward()
             GY = gY.new_empty(T, N, 1, d)
             gYf, carry = gY.reshape(T, N, 1, d), torch.zeros_like(GY[0])
             for t in reversed(range(T)):
                 gy = torch.add(gYf[t], carry, out=GY[t])
                 carry = _softmax_bwd(fb.step_back(t, gy), S[t].view(N, 1, d))
-                if ctx.at[t]:
+                if at[t]:
                     carry = (carry.view(B, -1) * keep[t]).view(N, 1, d)
             GY = ch.split(GY.view(T, B, H, d))
             gq, gK, gV, gBt, gM = wr.backward(QS, torch.cat([GY, GY], 1), gM, B)
@@ -260,8 +298,7 @@ class _DeltaLSTMChunked(torch.autograd.Function):
         flat = [x.reshape(T, B, HG, -1) for x in (q, k, v, beta, rk, rv, rbeta)]
         pairs = ((flat[1], flat[4]), (flat[2], flat[5]), (flat[3], flat[6]))
         M = torch.cat([W0, R0]).reshape(2 * B, HG, d, d)
-        ch, wr, Q, z = _prepare(done, chunk_size, flat[0], pairs, M)
-        fb = _Feedback(ch, wr.starts[:, B:], wr.K[:, B:], wr.U[:, B:], G)
+        ch, wr, fb, Q, z = _prepare(done, chunk_size, flat[0], pairs, M, G)
         keep = (1 - done.to(q.dtype)).view(T, B, 1, 1)
         at = done.any(1).tolist()
         Hs, Cs = q.new_empty(T + 1, B, H, d), q.new_empty(T + 1, B, H, d)
@@ -279,16 +316,15 @@ class _DeltaLSTMChunked(torch.autograd.Function):
             i, u, o = gate.unbind(2)
             torch.addcmul(cp, i, u - cp, out=Cs[t + 1])
             torch.mul(o, Cs[t + 1], out=Hs[t + 1])
-        ctx.state_grad, ctx.ch, ctx.wr, ctx.fb, ctx.at = state_grad, ch, wr, fb, at
-        ctx.save_for_backward(keep, Q, torch.stack(S), gates, Cs)
+        _save(ctx, state_grad, chunk_size, done, wr, Q, torch.stack(S), gates, Cs)
         return Hs[1:], wr.end[:B].view(B, H, G, d, d), wr.end[B:].view(B, H, G, d, d), Cs[T].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY, gW, gR, gc_last):
-        keep, Q, S, gates, Cs = ctx.saved_tensors
-        ch, wr, fb, at = ctx.ch, ctx.wr, ctx.fb, ctx.at
+        ch, wr, done, (Q, S, gates, Cs) = _restore(ctx, gY.dtype)
         T, B, H, G, d = gates.shape
+        keep = (1 - done.to(gY.dtype)).view(T, B, 1, 1)
         N, HG = B * H, H * G
         sig_bwd = torch.ops.aten.sigmoid_backward
         QS = torch.cat([Q, ch.split(S.unsqueeze(3).expand(T, B, H, G, d).reshape(T, B, HG, d))], 1)
@@ -308,6 +344,7 @@ class _DeltaLSTMChunked(torch.autograd.Function):
             gh0 = _softmax_bwd(gs0, S[0]) * keep[0]
             gc0 = (gc[0] - gpre[0, :, :, 1]) * keep[0]
         else:
+            fb, at = _feedback(ch, wr, G), done.any(1).tolist()
             fb.prepare_backward()
             # c = i u + (1 − i) c_prev and h = o c: the per-step factors that need no carry
             fi = i * (1 - i) * (u - Cs[:-1] * keep)
