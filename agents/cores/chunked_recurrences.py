@@ -234,7 +234,7 @@ def _restore(ctx, dtype: torch.dtype) -> tuple[Chunks, _Writes, Tensor, list[Ten
     return ch, wr, done, saved[6:]
 
 
-class _DeltaRNNChunked(torch.autograd.Function):
+class _DeltaRNNFast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state_grad, chunk_size, done, q, k, v, beta, rk, rv, rbeta, W0, R0, y0):
         T, B, H, d = q.shape
@@ -290,7 +290,7 @@ class _DeltaRNNChunked(torch.autograd.Function):
         return (None, None, None, ch.merge(gq), gk, gv, gb, grk, grv, grb, gM[:B], gM[B:], gy0)
 
 
-class _DeltaLSTMChunked(torch.autograd.Function):
+class _DeltaLSTMFast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state_grad, chunk_size, done, q, k, v, beta, rk, rv, rbeta, W0, R0, h0, c0):
         T, B, H, G, d = q.shape
@@ -406,7 +406,7 @@ def delta_rnn(
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """``recurrent_fast_weights.delta_rnn`` (arguments checked there), chunk-parallel."""
     args = (q, k, v, beta, rk, rv, rbeta, *state)
-    y, W, R = _DeltaRNNChunked.apply(state_grad, chunk_size, done, *args)
+    y, W, R = _DeltaRNNFast.apply(state_grad, chunk_size, done, *args)
     return y, (W, R, y[-1])
 
 
@@ -425,5 +425,5 @@ def delta_lstm(
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """``recurrent_fast_weights.delta_lstm`` (arguments checked there), chunk-parallel."""
     args = (q, k, v, beta, rk, rv, rbeta, *state)
-    y, W, R, c = _DeltaLSTMChunked.apply(state_grad, chunk_size, done, *args)
+    y, W, R, c = _DeltaLSTMFast.apply(state_grad, chunk_size, done, *args)
     return y, (W, R, y[-1], c)
