@@ -111,9 +111,10 @@ def build_agent(
     prev_action: bool = False,
     bf16: bool = False,
     init: str = "default",
+    center_obs: bool = False,
 ) -> ActorCritic:
     """Build an ActorCritic from names: ``make_torso(torso, ...)`` and ``make_core(core, ...)``."""
-    body = make_torso(torso, obs_shape, bf16=bf16)
+    body = make_torso(torso, obs_shape, bf16=bf16, center=center_obs)
     _check_num_actions(num_actions)
     size = core_input_size(body.output_size, num_actions, prev_action)
     agent = ActorCritic(

@@ -57,13 +57,20 @@ class Torso(nn.Module):
     """A feature extractor followed by ``Linear -> ReLU`` to ``output_size`` features."""
 
     def __init__(
-        self, body: nn.Module, obs_shape: tuple[int, ...], output_size: int, conv: bool, bf16: bool
+        self,
+        body: nn.Module,
+        obs_shape: tuple[int, ...],
+        output_size: int,
+        conv: bool,
+        bf16: bool,
+        center: bool = False,
     ) -> None:
         super().__init__()
         self.obs_shape = obs_shape
         self.output_size = output_size
         self.conv = conv
         self.bf16 = bf16
+        self.center = center
         self.body = body
         with torch.no_grad():
             flat = body(torch.zeros(1, *obs_shape)).shape[1]
@@ -75,6 +82,8 @@ class Torso(nn.Module):
         x = obs.float()
         if obs.dtype == torch.uint8:
             x = x / 255.0
+        if self.center:  # each image's mean out: a drift of mean weights can't kill all filters
+            x = x - x.mean(dim=(-2, -1), keepdim=True)
         if self.conv:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -82,10 +91,13 @@ class Torso(nn.Module):
         return y.float()
 
 
-def make_torso(name: str, obs_shape: Sequence[int], bf16: bool = False) -> Torso:
+def make_torso(
+    name: str, obs_shape: Sequence[int], bf16: bool = False, center: bool = False
+) -> Torso:
     """Build torso ``name`` (impala, nature, mlp) for observations of ``obs_shape``.
 
     impala and nature take ``[C, H, W]`` images (84x84 in the paper); mlp flattens any shape.
+    ``center`` subtracts each frame's mean pixel (per channel) after scaling.
     """
     if name not in TORSO_NAMES:
         raise ValueError(f"unknown torso {name!r}; valid torsos: {', '.join(TORSO_NAMES)}")
@@ -93,11 +105,12 @@ def make_torso(name: str, obs_shape: Sequence[int], bf16: bool = False) -> Torso
     if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in shape):
         raise ValueError(f"obs_shape must be positive ints, got {obs_shape!r}")
     if name == "mlp":
-        return Torso(nn.Flatten(), shape, 256, conv=False, bf16=bf16)
+        return Torso(nn.Flatten(), shape, 256, conv=False, bf16=bf16, center=False)
     if len(shape) != 3:
         raise ValueError(f"torso {name!r} needs obs_shape [C, H, W], got {obs_shape!r}; use mlp")
     body = _impala(shape[0]) if name == "impala" else _nature(shape[0])
     try:
-        return Torso(body, shape, 256 if name == "impala" else 512, conv=True, bf16=bf16)
+        size = 256 if name == "impala" else 512
+        return Torso(body, shape, size, conv=True, bf16=bf16, center=center)
     except RuntimeError as e:
         raise ValueError(f"obs_shape {shape} too small for torso {name!r}") from e

@@ -64,6 +64,7 @@ class AgentConfig:
         "torso/head initialisation (orthogonal: see agents.initialize_)",
         choices=INIT_CHOICES,
     )
+    center_obs: bool = _key(False, "conv torsos: subtract each frame's mean pixel")
 
 
 @dataclass

@@ -85,6 +85,7 @@ def make_agent(cfg: Config, info: EnvInfo) -> torch.nn.Module:
             prev_action=cfg.agent.prev_action,
             bf16=cfg.agent.bf16,
             init=cfg.agent.init,
+            center_obs=cfg.agent.center_obs,
         )
     except ValueError as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None

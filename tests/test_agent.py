@@ -27,6 +27,17 @@ def test_torso_scales_uint8_pixels():
     torch.testing.assert_close(torso(pixels), torso(pixels.float() / 255))
 
 
+def test_centered_torso_ignores_each_frames_brightness():
+    torch.manual_seed(0)
+    torso = make_torso("nature", (4, 84, 84), center=True)
+    frames = torch.randint(0, 200, (3, 4, 84, 84), dtype=torch.uint8)
+    brighter = frames + torch.tensor([0, 20, 55], dtype=torch.uint8).view(3, 1, 1, 1)
+    torch.testing.assert_close(torso(brighter), torso(frames), atol=1e-5, rtol=1e-5)
+    plain = make_torso("nature", (4, 84, 84))
+    plain.load_state_dict(torso.state_dict())
+    assert not torch.allclose(plain(brighter), plain(frames), atol=1e-3)
+
+
 @pytest.mark.parametrize(
     ("name", "shape", "message"),
     [
