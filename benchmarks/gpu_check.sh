@@ -2,6 +2,8 @@
 # GPU check (issue 8): the Triton kernels' tests compiled on CUDA, core parity on CUDA and
 # timings, as JSON lines. Under 8 minutes.
 # Usage on a GPU host, from the repository root: bash benchmarks/gpu_check.sh [--quick|--seconds 1]
+# Where gymnasium and ale-py import (carry their wheels to a bare host), it also runs the central
+# inference server's tests, whose server then runs on CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -10,5 +12,12 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.p
 kernels=$?
 PYTHONUNBUFFERED=1 timeout 300 python3 benchmarks/gpu_bench.py "$@"
 bench=$?
-echo "gpu_check: kernel tests exit $kernels, gpu_bench exit $bench"
-exit $((kernels || bench))
+central=0
+if python3 -c "import gymnasium, ale_py" 2>/dev/null; then
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_central_inference.py
+    central=$?
+else
+    echo "gpu_check: gymnasium/ale-py missing, central inference tests skipped"
+fi
+echo "gpu_check: kernel tests exit $kernels, gpu_bench exit $bench, central inference exit $central"
+exit $((kernels || bench || central))

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from moviepy.video.io.ffmpeg_writer import FFMPEG_VideoWriter
 from PIL import Image, ImageDraw, ImageFont
 
 VIDEO_HEIGHT = 420  # frames are upscaled by an integer factor to at least this many rows
@@ -75,7 +74,7 @@ class Mp4Writer:
         self.frames = 0
         self.size: tuple[int, int] | None = None  # (width, height) as written
         self._tmp = self.path.with_name(f".{self.path.stem}.tmp{os.getpid()}{self.path.suffix}")
-        self._writer: FFMPEG_VideoWriter | None = None
+        self._writer = None  # moviepy's FFMPEG_VideoWriter, opened on the first frame
 
     def write(self, frame: np.ndarray) -> None:
         """Append one [H, W, 3] uint8 frame."""
@@ -84,6 +83,9 @@ class Mp4Writer:
         frame = _even(frame)
         size = (frame.shape[1], frame.shape[0])
         if self._writer is None:
+            # moviepy takes ~0.15 s to import: only processes that record pay for it.
+            from moviepy.video.io.ffmpeg_writer import FFMPEG_VideoWriter
+
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.size = size
             self._writer = FFMPEG_VideoWriter(

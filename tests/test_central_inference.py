@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import psutil
 import pytest
 import torch
 
 from runners.config import ConfigError, build_config
+from runners.inference_server import inference_device
 from runners.learner import Learner
 from runners.local import BackendError, LocalBackend
 from tests.test_runtime import T, build, check_indices, counting_config, run_local_until
@@ -18,11 +21,14 @@ def central_config(core: str):
     return counting_config(core, backend="local", **settings)
 
 
-def replay_logits(agent, batch) -> torch.Tensor:
-    """The learner's logits for behaviour steps 1..T, replayed from the slot's initial state."""
+def assert_replays(cfg, agent, batch) -> None:
+    """The learner's logits for behaviour steps 1..T, replayed on the CPU from the slot's initial
+    state, equal the server's. A server on CUDA rounds through cuDNN's TF32 (PyTorch's default
+    there), so it matches to ~1e-3 relative instead of to float32 rounding."""
     with torch.no_grad():
         logits, _, _ = agent(batch.obs, batch.reward, batch.done, batch.action, batch.initial_state)
-    return logits[:-1]
+    tol = 1e-5 if inference_device(cfg).type == "cpu" else 5e-3
+    torch.testing.assert_close(logits[:-1], batch.logits[1:], atol=tol, rtol=tol)
 
 
 def fresh_start(batch) -> torch.Tensor:
@@ -50,9 +56,7 @@ def test_central_batches_follow_the_contract_and_replay_exactly(core):
             assert batch is not None
             assert batch.obs.shape == (T + 1, 4, 1, 4, 4)
             resets += check_indices(batch)
-            torch.testing.assert_close(
-                replay_logits(agent, batch), batch.logits[1:], atol=1e-5, rtol=1e-5
-            )
+            assert_replays(cfg, agent, batch)
             stats = learner.update(batch)  # learning rate 0: the weights stay, versions rise
             assert abs(float(stats["vtrace/mean_rho"]) - 1.0) < 1e-4
             backend.publish(agent.state_dict(), learner.updates)
@@ -72,16 +76,19 @@ def test_killed_actor_restarts_with_fresh_states_and_training_goes_on():
     backend = LocalBackend(cfg, info, spec, agent)
 
     def pull(until) -> tuple[int, int]:
-        """Check batches until `until(batches, fresh starts)`; count both."""
+        """Check batches until `until(batches, fresh starts)` or 60 s; count both.
+
+        A deadline, not a batch count: on a fast host the surviving actor alone can deliver
+        many batches while the restarted one is still importing torch.
+        """
         got = fresh = 0
-        for _ in range(60):
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:
             batch = backend.next_batch(timeout_s=1.0)
             if batch is not None:
                 got += 1
                 check_indices(batch)
-                torch.testing.assert_close(
-                    replay_logits(agent, batch), batch.logits[1:], atol=1e-5, rtol=1e-5
-                )
+                assert_replays(cfg, agent, batch)
                 fresh += int(fresh_start(batch).sum())
             if until(got, fresh):
                 break
