@@ -4,8 +4,8 @@ Runs on a bare GPU host (torch only; no gymnasium/ale-py needed). One JSON objec
   - parity: every FWP core, fast vs per-step reference on CUDA (outputs, input and parameter
     gradients, with resets inside the unroll), and CUDA fast vs CPU fast;
   - core: fwd+bwd ms at T=50/B=32 (paper) and T=512/B=32 for fast and reference impls, next to
-    cuDNN nn.LSTM(257, 256); for rdn, delta_rnn and delta_lstm the fast impl is the fused Triton
-    kernels (when triton is installed), timed next to the torch fast path they replace;
+    cuDNN nn.LSTM(257, 256); the fast impl is the fused Triton kernels (when triton is
+    installed), timed next to the torch fast path they replace;
   - recurrence: the same comparison for one layer's recurrence alone (H=4, d=32), no block;
   - learner: paper preset learner (IMPALA ResNet + core, T=50, B=32) steps/s, f32 and bf16.
 
@@ -25,14 +25,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agents import build_agent, make_core  # noqa: E402
-from agents.cores import recurrent_fast_weights as rfw  # noqa: E402
+from agents.cores import fast_weights as fw  # noqa: E402
 from agents.cores import triton_kernels  # noqa: E402
 from benchmarks._common import median_seconds, random_batch  # noqa: E402
 from runners.config import LearnerConfig  # noqa: E402
 from runners.learner import Learner  # noqa: E402
 
 FWP = ("lt", "delta", "delta_rnn", "delta_lstm", "rdn")
-SEQUENTIAL = ("delta_rnn", "delta_lstm", "rdn")  # fast impl on CUDA: the fused Triton kernels
+# core -> (its recurrence, how many time-major inputs, which of them are β (width 1))
+RECURRENCES = {
+    "lt": (fw.linear_attention, 3, ()),
+    "delta": (fw.delta_rule, 4, (3,)),
+    "delta_rnn": (fw.delta_rnn, 7, (3, 6)),
+    "delta_lstm": (fw.delta_lstm, 7, (3, 6)),
+    "rdn": (fw.rdn, 4, (3,)),
+}
 INPUT = 257
 
 
@@ -128,8 +135,7 @@ def recurrence_time(name: str, t: int, b: int, seconds: float) -> float:
     h, d = 4, 32
     gen = torch.Generator().manual_seed(0)
     gates = (3,) if name == "delta_lstm" else ()
-    n_seq = 4 if name == "rdn" else 7
-    scalar = (3,) if name == "rdn" else (3, 6)  # the β inputs, width 1
+    fn, n_seq, scalar = RECURRENCES[name]
 
     def leaf(x):
         return x.to(DEVICE).requires_grad_(True)
@@ -144,8 +150,8 @@ def recurrence_time(name: str, t: int, b: int, seconds: float) -> float:
     slow = [*slow, leaf(torch.randn(h, d, generator=gen) * d**-0.5)] if name == "rdn" else []
     layer = make_core(name, INPUT).fwps[0]
     state = tuple(torch.zeros(b, *shape, device=DEVICE) for shape in layer.state_shapes())
+    state = state[0] if name in ("lt", "delta") else state  # their state is W alone
     _, done = inputs(t, b, DEVICE)
-    fn = getattr(rfw, name)
 
     def step():
         y, _ = fn(*seq, *slow, done, state)
@@ -194,7 +200,7 @@ def main() -> None:
         for name in FWP:
             fast_ms = core_time(name, "fast", t, 32, seconds)
             ref_ms = core_time(name, "reference", t, 32, seconds)
-            kernels = name in SEQUENTIAL and DEVICE == "cuda" and triton_kernels.triton_installed()
+            kernels = DEVICE == "cuda" and triton_kernels.triton_installed()
             extra = {}
             if kernels:
                 with triton_kernels.forced(False):

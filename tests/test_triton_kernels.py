@@ -1,4 +1,4 @@
-"""The fused Triton kernels of the sequential recurrences against their per-step references.
+"""The fused Triton kernels of every recurrence against their per-step references.
 
 On a CUDA machine the compiled kernels run in this process. Without one, the same comparisons run
 in a subprocess under ``TRITON_INTERPRET=1`` (which must be set before triton is imported) on CPU
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from agents.cores import fast_weights as fw
 from agents.cores import make_core, triton_kernels
-from agents.cores import recurrent_fast_weights as rfw
 from tests.test_fast_weights_recurrent import make_case, resets
 
 pytest.importorskip("triton", reason="triton is not installed (optional; used on CUDA only)")
@@ -26,23 +26,55 @@ pytest.importorskip("triton", reason="triton is not installed (optional; used on
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
 TOLERANCE = 1e-5
-# Each recurrence's kernels live in agents/cores/triton_<name>.py, entry point <name>.
+# Each recurrence's kernels live in agents/cores/triton_<name>.py, entry point <name>; the two
+# linear rules share triton_delta_rule.
 ARG_NAMES = {
     "rdn": ("qx", "kx", "vx", "bx", "Rq", "Rk", "Rv", "rb", "W0", "y0"),
     "delta_rnn": ("q", "k", "v", "beta", "rk", "rv", "rbeta", "W0", "R0", "y0"),
     "delta_lstm": ("q", "k", "v", "beta", "rk", "rv", "rbeta", "W0", "R0", "h0", "c0"),
+    "delta_rule": ("q", "k", "v", "beta", "W0"),
+    "linear_attention": ("q", "k", "v", "W0"),
 }
-FUNCTIONS = {"rdn": "_RDN", "delta_rnn": "_DeltaRNN", "delta_lstm": "_DeltaLSTM"}  # autograd
+LINEAR = ("delta_rule", "linear_attention")  # state W alone, no state_grad argument
+SEQUENTIAL = ("rdn", "delta_rnn", "delta_lstm")
+FUNCTIONS = {  # the autograd Function of each recurrence's kernels (and CPU fast path)
+    "rdn": "_RDN",
+    "delta_rnn": "_DeltaRNN",
+    "delta_lstm": "_DeltaLSTM",
+    "delta_rule": "_FastWeight",
+    "linear_attention": "_FastWeight",
+}
+CORES = {"delta_rule": "delta", "linear_attention": "lt"}  # the core of each recurrence
 # (recurrence, state_grad, head dim): tiny shapes, the interpreter runs every program in Python.
 CASES = [
     (name, state_grad, d)
     for name in ARG_NAMES
     for state_grad, d in (("full", 16), ("none", 16), ("full", 32))
+    if state_grad == "full" or name not in LINEAR
 ]
+MODULES = ("rdn", "delta_rnn", "delta_lstm", "delta_rule")  # agents.cores.triton_<module>
 
 
 def kernel_module(name: str):
-    return importlib.import_module(f"agents.cores.triton_{name}")
+    return importlib.import_module(
+        f"agents.cores.triton_{'delta_rule' if name in LINEAR else name}"
+    )
+
+
+def make_inputs(name: str, T: int, B: int, H: int, d: int, seed: int):
+    """``make_case``'s inputs; the linear rules take q, k, v (and β) and W of the Delta RNN's."""
+    if name not in LINEAR:
+        return make_case(name, T, B, H, d, seed=seed)
+    inputs, state = make_case("delta_rnn", T, B, H, d, seed=seed)
+    return inputs[: len(ARG_NAMES[name]) - 1], state[:1]
+
+
+def call(fn, name: str, inputs, done, state, state_grad: str):
+    """Run a recurrence (reference or kernels) with the uniform (y, final-state tuple) result."""
+    if name in LINEAR:
+        y, W = fn(*inputs, done, state[0])
+        return y, (W,)
+    return fn(*inputs, done, state, state_grad=state_grad)
 
 
 def case_id(case: tuple[str, str, int]) -> str:
@@ -56,14 +88,14 @@ def errors(name: str, state_grad: str, d: int, device: str) -> dict[str, float]:
     non-zero initial state, and a random cotangent on the outputs and the final state.
     """
     T, B, H = 7, 3, 2
-    inputs, state = make_case(name, T, B, H, d, seed=1)
+    inputs, state = make_inputs(name, T, B, H, d, seed=1)
     leaves = [x.detach().to(device).requires_grad_() for x in (*inputs, *state)]
     inputs, state = leaves[: len(inputs)], tuple(leaves[len(inputs) :])
     done = resets(T, B).to(device)
     kernel = getattr(kernel_module(name), name)
     runs = []
-    for fn in (lambda *a, **k: getattr(rfw, name)(*a, impl="reference", **k), kernel):
-        y, final = fn(*inputs, done, state, state_grad=state_grad)
+    for fn in (lambda *a, **k: getattr(fw, name)(*a, impl="reference", **k), kernel):
+        y, final = call(fn, name, inputs, done, state, state_grad)
         outputs = [y, *final]
         gen = torch.Generator().manual_seed(2)
         cotangents = [torch.randn(o.shape, generator=gen).to(device) for o in outputs]
@@ -84,7 +116,9 @@ def core_errors(name: str, device: str) -> dict:
     w.r.t. the input, the initial state and every parameter; and which runs used the kernels."""
     T, B = 5, 2
     torch.manual_seed(0)
-    core = make_core(name, 8, hidden_size=16, num_layers=1, num_heads=2, head_dim=16, ff_size=16)
+    core = make_core(
+        CORES.get(name, name), 8, hidden_size=16, num_layers=1, num_heads=2, head_dim=16, ff_size=16
+    )
     core = core.to(device)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(T, B, 8, generator=gen).to(device)
@@ -178,7 +212,7 @@ def arg_type(name: str, consts: dict) -> str:
     return "i32" if name in ("T", "B", "H", "STEPS") else "*fp32"
 
 
-@pytest.mark.parametrize("name", list(ARG_NAMES))
+@pytest.mark.parametrize("name", MODULES)
 @pytest.mark.skipif(CUDA, reason="the CUDA run above compiles and runs the kernels")
 def test_kernels_compile_for_sm90(name):
     """Every kernel compiles for an H100/H200 (sm_90) at head dims 32 and 64, no GPU needed."""
@@ -203,14 +237,15 @@ def test_kernels_compile_for_sm90(name):
 @pytest.mark.parametrize("name", list(ARG_NAMES))
 def test_impl_fast_dispatch(name):
     """CPU tensors keep the CPU fast path; CUDA tensors (when present) take the kernels."""
-    inputs, state = make_case(name, 3, 2, 2, 16)
-    y, _ = getattr(rfw, name)(*inputs, resets(3, 2), tuple(state))
-    assert type(y.grad_fn).__name__ == f"{FUNCTIONS[name]}FastBackward"
+    inputs, state = make_inputs(name, 3, 2, 2, 16, seed=0)
+    fn = getattr(fw, name)
+    y, _ = call(fn, name, inputs, resets(3, 2), tuple(state), "full")
+    assert f"{FUNCTIONS[name]}TritonBackward" not in graph_node_names(y)
+    if name in SEQUENTIAL:
+        assert type(y.grad_fn).__name__ == f"{FUNCTIONS[name]}FastBackward"
     if CUDA:
         cuda = [x.detach().cuda().requires_grad_() for x in (*inputs, *state)]
-        y, _ = getattr(rfw, name)(
-            *cuda[: len(inputs)], resets(3, 2).cuda(), tuple(cuda[len(inputs) :])
-        )
+        y, _ = call(fn, name, cuda[: len(inputs)], resets(3, 2).cuda(), cuda[len(inputs) :], "full")
         assert type(y.grad_fn).__name__ == f"{FUNCTIONS[name]}TritonBackward"
 
 

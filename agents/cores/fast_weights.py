@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from agents.cores import chunks
+from agents.cores import chunks, triton_kernels
 from agents.cores.chunks import Chunks
 from agents.cores.recurrent_fast_weights import delta_lstm, delta_rnn, rdn
 
@@ -107,6 +107,12 @@ def _dispatch(
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     if impl == "reference":
         return _reference(q, k, v, beta, done, W)
+    if q.shape[-1] == v.shape[-1] and triton_kernels.usable(q):
+        from agents.cores import triton_delta_rule
+
+        if beta is None:
+            return triton_delta_rule.linear_attention(q, k, v, done, W)
+        return triton_delta_rule.delta_rule(q, k, v, beta, done, W)
     return _chunked(q, k, v, beta, done, W, chunk_size)
 
 
@@ -123,7 +129,8 @@ def linear_attention(
     """Linear Transformer: `W ← W + kᵀ v; y = q W` per step. Returns (y `[T,B,H,d_v]`, final W).
 
     `impl="reference"` is the per-step loop; `"fast"` the chunk-parallel form (chunks of at most
-    `chunk_size` steps; the same numbers up to float rounding).
+    `chunk_size` steps; the same numbers up to float rounding), or on CUDA the fused Triton
+    kernels of ``triton_delta_rule`` (``triton_kernels.usable``).
     """
     return _dispatch(q, k, v, None, done, W, impl, chunk_size)
 
