@@ -122,7 +122,10 @@ class RuntimeConfig:
     num_actors: int = _key(2, "actor processes", minimum=1)
     device: str = _key("auto", "learner device", choices=("auto", "cpu", "cuda"))
     learner_threads: int = _key(
-        0, "torch threads of the learner (0: cores minus actors, at least 1)", minimum=0
+        0,
+        "torch threads of the learner (0: cores minus those of the actors and of a CPU inference "
+        "server, at least 1)",
+        minimum=0,
     )
     actor_threads: int = _key(1, "torch threads per actor process", minimum=1)
     inference: str = _key(

@@ -35,6 +35,7 @@ from runners.config import (
 )
 from runners.evaluation import spawn_periodic_evaluation
 from runners.factory import make_agent, probe_env, rollout_spec
+from runners.inference_server import inference_device
 from runners.learner import Learner, NonFiniteError
 from runners.local import BackendError, LocalBackend, SyncBackend
 from runners.metrics import MetricsLogger, ProgressLine, close_run_logging, setup_run_logging
@@ -82,11 +83,15 @@ def learner_device(cfg: Config) -> torch.device:
 
 
 def learner_threads(cfg: Config) -> int:
+    """torch threads of the learner: the cores that actors (and a CPU inference server) leave."""
     if cfg.runtime.learner_threads:
         return cfg.runtime.learner_threads
     if cfg.runtime.backend == "sync":
         return os.cpu_count() or 1
-    return max(1, (os.cpu_count() or 1) - cfg.runtime.num_actors * cfg.runtime.actor_threads)
+    processes = cfg.runtime.num_actors
+    if cfg.runtime.inference == "central" and inference_device(cfg).type == "cpu":
+        processes += 1
+    return max(1, (os.cpu_count() or 1) - processes * cfg.runtime.actor_threads)
 
 
 def make_backend(cfg: Config, info, spec, agent):

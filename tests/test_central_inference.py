@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
@@ -12,6 +13,7 @@ from runners.config import ConfigError, build_config
 from runners.inference_server import inference_device
 from runners.learner import Learner
 from runners.local import BackendError, LocalBackend
+from runners.trainer import learner_threads
 from tests.test_runtime import T, build, check_indices, counting_config, run_local_until
 from tests.test_train import FAST_MEMORY, success_rate, train
 
@@ -157,3 +159,10 @@ def test_bad_inference_setting_is_one_line_naming_the_choices(override, message)
 def test_central_inference_needs_the_local_backend():
     with pytest.raises(ConfigError, match="runtime.inference=central needs runtime.backend=local"):
         build_config(None, ["runtime.inference=central", "runtime.backend=sync"])
+
+
+def test_learner_threads_leave_a_core_to_a_cpu_server(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert learner_threads(counting_config("delta", backend="local")) == 6  # 2 actors
+    server_on_cpu = inference_device(central_config("delta")).type == "cpu"
+    assert learner_threads(central_config("delta")) == (5 if server_on_cpu else 6)
