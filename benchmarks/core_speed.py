@@ -1,8 +1,8 @@
 """Speed and memory of every core at the paper's shapes; one JSON object per measurement.
 
 Sections (``--sections``, default all):
-  train   fwd+bwd ms over an unroll (T=50, B=32, input 257) per core, impl, state_grad, threads,
-          next to a bare ``nn.LSTM(257, 256)``
+  train   fwd+bwd ms over an unroll (T=50, B=32, input 257) per core, impl, state_grad, bf16
+          linear layers, threads, next to a bare ``nn.LSTM(257, 256)``
   act     single-step latency (T=1, no_grad) at B=8 and B=32 per core and threads
   memory  bytes saved for backward and peak RSS growth of one fwd+bwd, each config in a
           fresh process
@@ -88,9 +88,14 @@ def train_configs() -> list[tuple[str, dict, Callable[[], nn.Module]]]:
         ("nn.LSTM", {}, BareLSTM),
         ("lstm", {}, lambda: make_core("lstm", INPUT)),
     ]
+    variants = (
+        {"impl": "fast", "state_grad": "full"},
+        {"impl": "fast", "state_grad": "full", "bf16": True},  # linear layers in bf16
+        {"impl": "fast", "state_grad": "none"},
+        {"impl": "reference", "state_grad": "full"},
+    )
     for name in FWP:
-        for impl, state_grad in (("fast", "full"), ("fast", "none"), ("reference", "full")):
-            opts = {"impl": impl, "state_grad": state_grad}
+        for opts in variants:
             configs.append((name, opts, lambda n=name, o=opts: make_core(n, INPUT, **o)))
     return configs
 

@@ -80,6 +80,9 @@ class CoreConfig:
     state_grad: str = _key(
         "full", "back-propagate through the fast weights", choices=("full", "none")
     )
+    bf16: bool = _key(
+        False, "FWP cores: linear layers under bf16 autocast (recurrences and residual stream f32)"
+    )
 
 
 @dataclass

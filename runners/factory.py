@@ -68,6 +68,7 @@ def core_kwargs(cfg: Config) -> dict:
         "ff_size": c.ff_size,
         "dropout": c.dropout,
         "state_grad": c.state_grad,
+        "bf16": c.bf16,
     }
     if c.hidden_size is not None:
         kwargs["hidden_size"] = c.hidden_size

@@ -18,6 +18,7 @@ from runners.config import (
     from_dict,
     to_dict,
 )
+from runners.factory import core_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,3 +133,8 @@ def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "agent.core='nope'" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_core_bf16_reaches_fwp_cores_only():
+    assert core_kwargs(build_config(None, ["core.bf16=true"]))["bf16"] is True
+    assert "bf16" not in core_kwargs(build_config(None, ["core.bf16=true", "agent.core=lstm"]))

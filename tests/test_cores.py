@@ -186,6 +186,7 @@ def test_lstm_gradient_crosses_steps_but_not_resets():
         (("lstm", 8), {"num_heads": 4}, "valid: hidden_size"),
         (("ff", 8), {"hidden_size": 4}, "valid: none"),
         (("lt", 8), {"heads": 4}, "valid: hidden_size, num_layers, num_heads"),
+        (("delta", 8), {"bf16": 1}, "bf16 must be true or false"),
     ],
 )
 def test_bad_arguments(args, options, message):
@@ -244,3 +245,34 @@ def test_rdn_recurrent_weights_init():
         assert p.shape == (4, 32, 32)
         assert abs(p.std().item() * 32**0.5 - 1) < 0.05 and abs(p.mean().item()) < 0.01
     assert layer.rb.shape == (4, 32) and abs(layer.rb.std().item() * 32**0.5 - 1) < 0.2
+
+
+@pytest.mark.parametrize("name", FWP)
+def test_bf16_projections_keep_the_recurrence_in_f32(name):
+    """bf16=True: the linear layers run in bf16, the output and the state stay f32 and close."""
+    torch.manual_seed(0)
+    f32 = make_core(name, IN, **SMALL)
+    bf16 = make_core(name, IN, **SMALL, bf16=True)
+    bf16.load_state_dict(f32.state_dict())
+    x = torch.randn(T, B, IN)
+    done = torch.zeros(T, B, dtype=torch.bool)
+    done[3, 1] = True
+    state = tuple(0.3 * torch.randn_like(s) for s in f32.initial_state(B))
+    runs = []
+    for core in (f32, bf16):
+        leaf = x.clone().requires_grad_()
+        y, final = core(leaf, done, state)
+        loss = y.square().sum() + sum(f.square().sum() for f in final)
+        runs.append((y, final, torch.autograd.grad(loss, [leaf, *core.parameters()])))
+    (y32, final32, grads32), (y16, final16, grads16) = runs
+    assert y16.dtype == torch.float32 and all(f.dtype == torch.float32 for f in final16)
+    assert not torch.equal(y16, y32)  # bf16 really ran
+
+    def relative(a, b):  # bf16 keeps 8 significant bits: ~0.4% per rounding
+        return float((a - b).norm() / b.norm())
+
+    assert relative(y16.detach(), y32.detach()) < 1e-2
+    assert (
+        max(relative(a.detach(), b.detach()) for a, b in zip(final16, final32, strict=True)) < 1e-2
+    )
+    assert max(relative(a, b) for a, b in zip(grads16, grads32, strict=True)) < 5e-2

@@ -20,6 +20,7 @@ _FWP_DEFAULTS: dict[str, Any] = {
     "dropout": 0.0,
     "state_grad": "full",
     "impl": "fast",
+    "bf16": False,
 }
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "ff": {},
@@ -40,8 +41,9 @@ def make_core(name: str, input_size: int, **options: Any) -> nn.Module:
     Options (keyword only) and defaults: FWP cores (lt, delta, delta_rnn, delta_lstm, rdn) take
     hidden_size=128, num_layers=2, num_heads=4, head_dim=32, ff_size=512, dropout=0.0,
     state_grad="full" ("none" detaches the state between steps), impl="fast" ("reference" is
-    the per-step oracle); lstm takes hidden_size=256; ff takes none. Anything else raises
-    ``ValueError`` naming the valid choices.
+    the per-step oracle), bf16=False (True: the block's linear layers under bf16 autocast, the
+    residual stream and the recurrence in f32); lstm takes hidden_size=256; ff takes none.
+    Anything else raises ``ValueError`` naming the valid choices.
     """
     if name not in _DEFAULTS:
         raise ValueError(f"unknown core {name!r}; valid cores: {', '.join(CORE_NAMES)}")
@@ -57,6 +59,9 @@ def make_core(name: str, input_size: int, **options: Any) -> nn.Module:
         if key in _CHOICES:
             if value not in _CHOICES[key]:
                 raise ValueError(f"core option {key}={value!r}; valid: {', '.join(_CHOICES[key])}")
+        elif key == "bf16":
+            if not isinstance(value, bool):
+                raise ValueError(f"core option bf16 must be true or false, got {value!r}")
         elif key == "dropout":
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
                 raise ValueError(f"core option dropout must be a number in [0, 1), got {value!r}")

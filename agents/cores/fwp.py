@@ -195,12 +195,15 @@ class FastWeightLayer(nn.Module):
         T, B = x.shape[:2]
         head = (self.num_heads, self.spec.gates) if self.spec.gates else (self.num_heads,)
         inputs = []
+        # x's precision from here to the output projection, also under bf16 autocast (FWPCore)
+        projected = self.slow(x).to(x.dtype)
         for (name, act), part in zip(
-            self.spec.fields, self.slow(x).split(self.widths, dim=-1), strict=True
+            self.spec.fields, projected.split(self.widths, dim=-1), strict=True
         ):
             last = 1 if _is_scalar(name) else self.head_dim
             inputs.append(_ACTIVATIONS[act](part.reshape(T, B, *head, last)))
-        y, state = self._recur(inputs, done, state)
+        with torch.autocast(x.device.type, enabled=False):
+            y, state = self._recur(inputs, done, state)
         return self.out(y.reshape(T, B, -1)), state
 
     def _recur(self, inputs: list[torch.Tensor], done: torch.Tensor, state: State):
@@ -235,9 +238,11 @@ class FWPCore(nn.Module):
         dropout: float = 0.0,
         state_grad: str = "full",
         impl: str = "fast",
+        bf16: bool = False,
     ) -> None:
         super().__init__()
         self.kind = kind
+        self.bf16 = bf16
         self.input_size = input_size
         self.output_size = hidden_size
         self.input_proj = nn.Linear(input_size, hidden_size)
@@ -269,14 +274,15 @@ class FWPCore(nn.Module):
     def forward(
         self, x: torch.Tensor, done: torch.Tensor, state: State
     ) -> tuple[torch.Tensor, State]:
-        x = self.input_proj(x)
-        new_state: list[torch.Tensor] = []
-        n = self._per_layer
-        for i, (norm1, fwp, norm2, ff) in enumerate(
-            zip(self.norms1, self.fwps, self.norms2, self.ffs, strict=True)
-        ):
-            y, layer_state = fwp(norm1(x), done, state[i * n : (i + 1) * n])
-            x = x + self.dropout(y)
-            x = x + self.dropout(ff(norm2(x)))
-            new_state.extend(layer_state)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            x = self.input_proj(x).to(x.dtype)  # the residual stream keeps the input's precision
+            new_state: list[torch.Tensor] = []
+            n = self._per_layer
+            for i, (norm1, fwp, norm2, ff) in enumerate(
+                zip(self.norms1, self.fwps, self.norms2, self.ffs, strict=True)
+            ):
+                y, layer_state = fwp(norm1(x), done, state[i * n : (i + 1) * n])
+                x = x + self.dropout(y)
+                x = x + self.dropout(ff(norm2(x)))
+                new_state.extend(layer_state)
         return x, tuple(new_state)
