@@ -7,7 +7,8 @@ Runs on a bare GPU host (torch only; no gymnasium/ale-py needed). One JSON objec
     cuDNN nn.LSTM(257, 256); the fast impl is the fused Triton kernels (when triton is
     installed), timed next to the torch fast path they replace;
   - recurrence: the same comparison for one layer's recurrence alone (H=4, d=32), no block;
-  - learner: paper preset learner (IMPALA ResNet + core, T=50, B=32) steps/s, f32 and bf16.
+  - learner: paper preset learner (IMPALA ResNet + core, T=50, B=32) steps/s, f32, bf16 torso
+    and bf16 torso + FWP core linear layers.
 
     python benchmarks/gpu_bench.py [--quick]
 """
@@ -160,9 +161,13 @@ def recurrence_time(name: str, t: int, b: int, seconds: float) -> float:
     return 1000 * median_seconds(step, seconds, sync=sync)
 
 
-def learner_rate(core: str, torso: str, bf16: bool, seconds: float) -> float:
+def learner_rate(core: str, torso: str, bf16: str, seconds: float) -> float:
+    """Agent steps/s of learner updates; bf16: "none", "torso" or "torso+core" (FWP linears)."""
     torch.manual_seed(0)
-    agent = build_agent(torso, core, (4, 84, 84), 6, bf16=bf16).to(DEVICE)
+    core_kwargs = {"bf16": True} if bf16 == "torso+core" else {}
+    agent = build_agent(
+        torso, core, (4, 84, 84), 6, core_kwargs=core_kwargs, bf16=bf16 != "none"
+    ).to(DEVICE)
     cfg = LearnerConfig()
     learner = Learner(agent, cfg, 10**9, torch.device(DEVICE))
     batch = random_batch(50, 32, (4, 84, 84), 6, agent.initial_state(32), device=DEVICE)
@@ -226,7 +231,7 @@ def main() -> None:
                      torch_fast_ms=torch_ms, triton_speedup=torch_ms / triton_ms)  # fmt: skip
     learners = (("impala", "rdn"), ("impala", "delta"), ("impala", "lstm"))
     for torso, core in learners if "learner" in checks else ():
-        for bf16 in (False, True):
+        for bf16 in ("none", "torso", "torso+core") if core != "lstm" else ("none", "torso"):
             rate = learner_rate(core, torso, bf16, seconds * 2)
             emit(check="learner", torso=torso, core=core, bf16=bf16, T=50, B=32, steps_per_s=rate)
 
