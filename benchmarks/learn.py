@@ -108,7 +108,10 @@ def main() -> None:
     games = read_games(run_dir)
     mean100 = running_mean(games[:, 2])
     write_csv(out / f"{args.name}.csv", games, mean100, frames_per_step)
-    write_png(out / f"{args.name}.png", games, f"{args.name} ({args.config})", frames_per_step)
+    config = Path(args.config).resolve()
+    shown = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
+    title = " ".join([f"{args.name}: {shown}", *args.overrides])
+    write_png(out / f"{args.name}.png", games, title, frames_per_step)
     evaluation = subprocess.run(
         [sys.executable, str(ROOT / "evaluate.py"), str(run_dir), "--episodes", str(args.episodes)],
         check=True,
