@@ -2,8 +2,9 @@
 
 Sections (``--sections``, default all):
   train   fwd+bwd ms over an unroll (T=50, B=32, input 257) per core, impl, state_grad, bf16
-          linear layers, threads, next to a bare ``nn.LSTM(257, 256)``
-  act     single-step latency (T=1, no_grad) at B=8 and B=32 per core and threads
+          linear layers, threads, next to a bare ``nn.LSTM(257, 256)``; the sequential cores'
+          fast path also with the fused C kernels switched off (``cpu_kernels: false``)
+  act     single-step latency (T=1, no_grad) at B=8 and B=32 per core and threads (likewise)
   memory  bytes saved for backward and peak RSS growth of one fwd+bwd, each config in a
           fresh process
   torso   IMPALA torso f32 vs bf16 autocast: inference and fwd+bwd ms, max abs feature diff
@@ -15,6 +16,7 @@ Run with ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=10
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -29,11 +31,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.agent import build_agent  # noqa: E402
-from agents.cores import make_core  # noqa: E402
+from agents.cores import cpu_kernels, make_core  # noqa: E402
 from agents.torso import make_torso  # noqa: E402
 
 T, B, INPUT = 50, 32, 257
 FWP = ("lt", "delta", "delta_rnn", "rdn", "delta_lstm")
+SEQUENTIAL = ("delta_rnn", "rdn", "delta_lstm")  # the cores with fused C kernels
 SECTIONS = ("train", "act", "memory", "torso")
 
 
@@ -97,7 +100,15 @@ def train_configs() -> list[tuple[str, dict, Callable[[], nn.Module]]]:
     for name in FWP:
         for opts in variants:
             configs.append((name, opts, lambda n=name, o=opts: make_core(n, INPUT, **o)))
+            if name in SEQUENTIAL and opts["impl"] == "fast" and not opts.get("bf16"):
+                configs.append((name, {**opts, "cpu_kernels": False}, configs[-1][2]))
     return configs
+
+
+def kernels_switch(opts: dict) -> contextlib.AbstractContextManager:
+    """The C kernels off when the options say ``cpu_kernels: False``."""
+    off = opts.get("cpu_kernels") is False
+    return cpu_kernels.forced(False) if off else contextlib.nullcontext()
 
 
 def run_train(threads: list[int], repeats: int) -> None:
@@ -107,17 +118,19 @@ def run_train(threads: list[int], repeats: int) -> None:
         torch.set_num_threads(n)
         for name, opts, build in train_configs():
             torch.manual_seed(0)
-            ms = median_ms(train_step(build(), x, done), repeats)
+            with kernels_switch(opts):
+                ms = median_ms(train_step(build(), x, done), repeats)
             emit(section="train", core=name, **opts, threads=n, T=T, B=B, fwd_bwd_ms=ms)
 
 
 def run_act(threads: list[int], repeats: int) -> None:
     configs = [("ff", {}), ("lstm", {})]
     configs += [(name, {"impl": impl}) for name in FWP for impl in ("fast", "reference")]
+    configs += [(name, {"impl": "fast", "cpu_kernels": False}) for name in SEQUENTIAL]
     for n in threads:
         torch.set_num_threads(n)
         for name, opts in configs:
-            core = make_core(name, INPUT, **opts)
+            core = make_core(name, INPUT, **{k: v for k, v in opts.items() if k != "cpu_kernels"})
             for b in (8, 32):
                 x = torch.randn(1, b, INPUT)
                 done = torch.zeros(1, b, dtype=torch.bool)
@@ -127,7 +140,8 @@ def run_act(threads: list[int], repeats: int) -> None:
                 def act(core=core, x=x, done=done, state=state) -> None:
                     core(x, done, state)
 
-                ms = median_ms(act, repeats * 10, warmup=5)
+                with kernels_switch(opts):
+                    ms = median_ms(act, repeats * 10, warmup=5)
                 emit(section="act", core=name, **opts, threads=n, B=b, act_ms=ms)
 
 

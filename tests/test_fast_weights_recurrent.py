@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 
-from agents.cores import chunked_recurrences
+from agents.cores import chunked_recurrences, cpu_kernels
 from agents.cores.recurrent_fast_weights import delta_lstm, delta_rnn, rdn
 
 NAMES = ("delta_rnn", "rdn", "delta_lstm")
 FUNCS = {"delta_rnn": delta_rnn, "rdn": rdn, "delta_lstm": delta_lstm}
+# "fast" takes the fused C kernels where they are built; "fast-torch" the torch fast path.
+FAST_PATHS = ("fast", "fast-torch")
+IMPLS = ("reference", *FAST_PATHS)
 
 
 def make_case(name, T, B, H, d, dtype=torch.float32, seed=0, zero_state=False):
@@ -64,8 +68,14 @@ def slice_time(name, inputs, start, stop):
     return [x[start:stop] for x in inputs[:n_seq]] + list(inputs[n_seq:])
 
 
+def call(fn, *args, impl="fast", **kw):
+    """fn(*args) on one path of IMPLS ("fast-torch": impl="fast" with the C kernels off)."""
+    with cpu_kernels.forced(False) if impl == "fast-torch" else contextlib.nullcontext():
+        return fn(*args, impl=impl.removesuffix("-torch"), **kw)
+
+
 def run(name, inputs, done, state, **kw):
-    return FUNCS[name](*inputs, done, tuple(state), **kw)
+    return call(FUNCS[name], *inputs, done, tuple(state), **kw)
 
 
 def flat_outputs(y, state):
@@ -98,17 +108,17 @@ def test_fast_matches_reference(name, state_grad, T):
     inputs, state = make_case(name, T, B, H=2, d=4, seed=6)
     done = resets(T, B) if T > 1 else torch.tensor([[True, False, False]])
     results = {}
-    for impl in ("reference", "fast"):
+    for impl in IMPLS:
         y, final = run(name, inputs, done, state, impl=impl, state_grad=state_grad)
         outs = flat_outputs(y, final)
         g = torch.Generator().manual_seed(7)
         cotangents = [torch.randn(o.shape, generator=g) for o in outs]
         grads = torch.autograd.grad(outs, [*inputs, *state], cotangents)
         results[impl] = (outs, grads)
-    for a, b in zip(*(results[i][0] for i in ("reference", "fast")), strict=True):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    for a, b in zip(*(results[i][1] for i in ("reference", "fast")), strict=True):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for fast in FAST_PATHS:
+        for part in (0, 1):  # outputs, gradients
+            for a, b in zip(results["reference"][part], results[fast][part], strict=True):
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 25])
@@ -145,14 +155,15 @@ def test_fast_rewind_stays_accurate_over_a_paper_length_unroll(name):
     inputs, state = make_case(name, T, B, H=1, d=16, seed=8)
     done = resets(T, B)
     grads = {}
-    for impl in ("reference", "fast"):
+    for impl in IMPLS:
         y, final = run(name, inputs, done, state, impl=impl)
         grads[impl] = torch.autograd.grad([y.sum(), final[0].sum()], [*inputs, *state])
-    for a, b in zip(grads["reference"], grads["fast"], strict=True):
-        assert (a - b).abs().max() <= 1e-5 * max(a.abs().max(), 1.0)
+    for fast in FAST_PATHS:
+        for a, b in zip(grads["reference"], grads[fast], strict=True):
+            assert (a - b).abs().max() <= 1e-5 * max(a.abs().max(), 1.0)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", NAMES)
 def test_reset_equals_fresh_start(name, impl):
     T, B, k = 7, 3, 3
@@ -171,7 +182,7 @@ def test_reset_equals_fresh_start(name, impl):
     assert (y_carry[k:] - y_fresh).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", NAMES)
 def test_carry_over(name, impl):
     T, B, k = 8, 3, 5
@@ -185,7 +196,7 @@ def test_carry_over(name, impl):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", NAMES)
 def test_state_grad_cuts_gradient_through_state(name, impl):
     T, B, t = 6, 2, 4
@@ -202,11 +213,12 @@ def test_state_grad_cuts_gradient_through_state(name, impl):
             assert g[t + 1 :].abs().max() == 0
 
 
+@pytest.mark.parametrize("impl", FAST_PATHS)
 @pytest.mark.parametrize("name", NAMES)
-def test_state_not_modified_in_place(name):
+def test_state_not_modified_in_place(name, impl):
     inputs, state = make_case(name, T=4, B=2, H=1, d=3, seed=4)
     before = [s.detach().clone() for s in state]
-    run(name, inputs, resets(4, 2), state)
+    run(name, inputs, resets(4, 2), state, impl=impl)
     for s, b in zip(state, before, strict=True):
         assert torch.equal(s, b)
 
@@ -237,7 +249,7 @@ def sig(x):
     return 1 / (1 + math.exp(-x))
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_delta_rnn_two_steps_by_hand(impl):
     # Step 1: W = k^T 0.5 [2,4] = [[1,2],[0,0]], z = q W = [1,2] (write before read).
     # s = softmax(0) = [.5,.5]; R = [0,1]^T 0.5 [2,0] = [[0,0],[1,0]], s R = [.5,0] -> y1 = [1.5,2].
@@ -249,7 +261,7 @@ def test_delta_rnn_two_steps_by_hand(impl):
     rk, rv, rbeta = t1([0, 1], [1, 0]), t1([2, 0], [0, 2]), t1([0.5], [1.0])
     state = (torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2))
     done = torch.zeros(2, 1, dtype=torch.bool)
-    y, (W, R, y_last) = delta_rnn(q, k, v, beta, rk, rv, rbeta, done, state, impl=impl)
+    y, (W, R, y_last) = call(delta_rnn, q, k, v, beta, rk, rv, rbeta, done, state, impl=impl)
     p = sig(0.5)
     torch.testing.assert_close(y.flatten(), torch.tensor([1.5, 2, 0.5 + p, 1 + 2 * (1 - p)]))
     torch.testing.assert_close(W.flatten(), torch.tensor([0.5, 1, 0, 0]))
@@ -257,7 +269,7 @@ def test_delta_rnn_two_steps_by_hand(impl):
     torch.testing.assert_close(y_last, y[-1])
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_rdn_two_steps_by_hand(impl):
     # Rq = [[1,0],[0,0]], Rk = 0, Rv = I, rb = [1,0].
     # Step 1: s = tanh(0) = 0, so no feedback. k = softmax([ln 3, 0]) = [.75,.25], v = [2,0],
@@ -271,7 +283,7 @@ def test_rdn_two_steps_by_hand(impl):
     Rk, Rv, rb = torch.zeros(1, 2, 2), torch.eye(2).unsqueeze(0), torch.tensor([[1.0, 0]])
     state = (torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2))
     done = torch.zeros(2, 1, dtype=torch.bool)
-    y, (W, y_last) = rdn(qx, kx, vx, bx, Rq, Rk, Rv, rb, done, state, impl=impl)
+    y, (W, y_last) = call(rdn, qx, kx, vx, bx, Rq, Rk, Rv, rb, done, state, impl=impl)
     a = math.tanh(0.5)
     p = sig(a)
     u = (p * (a - 0.5), p)
@@ -282,7 +294,7 @@ def test_rdn_two_steps_by_hand(impl):
     torch.testing.assert_close(y_last, y[-1])
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_delta_lstm_two_steps_by_hand(impl):
     # Gates (i, u, o); c0 = [1,-1], everything else starts at 0.
     # Step 1: s = softmax(0) = [.5,.5]. i: v = 0 writes nothing -> i = σ(0) = .5.
@@ -306,7 +318,7 @@ def test_delta_lstm_two_steps_by_hand(impl):
     c0 = torch.tensor([1.0, -1]).view(1, 1, 2)
     state = (torch.zeros(1, 1, 3, 2, 2), torch.zeros(1, 1, 3, 2, 2), torch.zeros(1, 1, 2), c0)
     done = torch.zeros(2, 1, dtype=torch.bool)
-    y, (W, R, h, c) = delta_lstm(q, k, v, beta, rk, rv, rbeta, done, state, impl=impl)
+    y, (W, R, h, c) = call(delta_lstm, q, k, v, beta, rk, rv, rbeta, done, state, impl=impl)
     p = sig(0.375)
     i, u, o = (sig(1), 0.5), (1.5 - p, 1 + 2 * p), (sig(1 - p), 0.5)
     c2 = [i[j] * u[j] + (1 - i[j]) * (1.25, 0.5)[j] for j in range(2)]

@@ -2,9 +2,11 @@
 
 All functions are time-major and apply the reset rule of DESIGN §2: before step t every state
 tensor is multiplied by ``1 - done[t]``. ``impl="reference"`` is a plain per-step loop (the
-oracle); ``impl="fast"`` is the default learning path (fused Triton kernels on CUDA, see
-``triton_kernels``). ``state_grad="none"`` detaches the state between steps: step t's gradient
-reaches the state it read but stops there (the initial state still gets step 0's gradient).
+oracle); ``impl="fast"`` is the default learning path: fused Triton kernels on CUDA
+(``triton_kernels``), fused C kernels on the CPU (``cpu_kernels``), and the torch paths below
+where neither is available. ``state_grad="none"`` detaches the state between steps: step t's
+gradient reaches the state it read but stops there (the initial state still gets step 0's
+gradient).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from agents.cores import chunked_recurrences, triton_kernels
+from agents.cores import chunked_recurrences, cpu_kernels, cpu_recurrences, triton_kernels
 
 IMPLS = ("reference", "fast")
 STATE_GRADS = ("full", "none")
@@ -113,9 +115,10 @@ def _delta_lstm_reference(q, k, v, beta, rk, rv, rbeta, done, state, state_grad)
 
 # ----------------------------------------------------------------------------- fast paths
 #
-# On the CPU, delta_rnn and delta_lstm write every fast weight from inputs only, so they run
-# chunk-parallel (agents.cores.chunked_recurrences). The Recurrent Delta Net's keys depend on the
-# previous output, so its fast path keeps the loop but takes autograd out of it: a
+# Without the C kernels (no compiler, or float64), delta_rnn and delta_lstm, which write every
+# fast weight from inputs only, run chunk-parallel (agents.cores.chunked_recurrences). The
+# Recurrent Delta Net's keys depend on the previous output, so its fast path keeps the loop but
+# takes autograd out of it: a
 # torch.autograd.Function whose forward updates one working copy of the fast weights in place (it
 # stays in cache) and whose backward is a hand-written reverse-time loop. The backward rewinds the
 # fast weights exactly as they were written, M_{t-1} = M_t − kᵀu with the stored u, restoring a
@@ -364,6 +367,8 @@ def delta_rnn(
         from agents.cores.triton_delta_rnn import delta_rnn as delta_rnn_triton
 
         return delta_rnn_triton(q, k, v, beta, rk, rv, rbeta, done, tuple(state), state_grad)
+    if cpu_kernels.usable(q):
+        return cpu_recurrences.delta_rnn(q, k, v, beta, rk, rv, rbeta, done, state, state_grad)
     return chunked_recurrences.delta_rnn(q, k, v, beta, rk, rv, rbeta, done, state, state_grad)
 
 
@@ -401,6 +406,8 @@ def rdn(
         from agents.cores.triton_rdn import rdn as rdn_triton
 
         return rdn_triton(qx, kx, vx, bx, Rq, Rk, Rv, rb, done, tuple(state), state_grad)
+    if cpu_kernels.usable(qx):
+        return cpu_recurrences.rdn(qx, kx, vx, bx, Rq, Rk, Rv, rb, done, state, state_grad)
     y, W, y_last = _RDNFast.apply(state_grad, done, qx, kx, vx, bx, Rq, Rk, Rv, rb, *state)
     return y, (W, y_last)
 
@@ -439,4 +446,6 @@ def delta_lstm(
         from agents.cores.triton_delta_lstm import delta_lstm as delta_lstm_triton
 
         return delta_lstm_triton(q, k, v, beta, rk, rv, rbeta, done, tuple(state), state_grad)
+    if cpu_kernels.usable(q):
+        return cpu_recurrences.delta_lstm(q, k, v, beta, rk, rv, rbeta, done, state, state_grad)
     return chunked_recurrences.delta_lstm(q, k, v, beta, rk, rv, rbeta, done, state, state_grad)

@@ -1,0 +1,114 @@
+"""The fused C kernels of ``csrc/fwp_cpu.c``: built on first use, loaded with ctypes.
+
+The source is compiled once per machine with the system C compiler (``$CC``, default ``cc``;
+``-O3 -march=native -fopenmp``) into ``$XDG_CACHE_HOME/deltabeast`` (default ``~/.cache``),
+under a name that hashes the source, the flags, the compiler and the CPU, so an edit, another
+compiler or another machine never loads a stale build. No torch headers are involved, so the
+build takes about a second. Where it cannot be built (no compiler) or is switched off with
+``DELTABEAST_CPU_KERNELS=0``, ``usable`` says no after one warning and the torch fast paths serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "fwp_cpu.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+SWITCH = "DELTABEAST_CPU_KERNELS"
+_forced: bool | None = None
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags: a build with -march=native is only valid there."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [ln for ln in lines if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(wanted))) or platform.machine()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "deltabeast"
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC", "cc")
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_signature()]).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"fwp_cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent first uses (actor processes) each build their own file; the rename is atomic.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (with one warning saying why) when they cannot be had."""
+    if os.environ.get(SWITCH, "1") == "0":
+        return None
+    try:
+        # torch's libgomp is already loaded under the same soname, so the kernels use its pool.
+        return ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as e:
+        warnings.warn(
+            f"fused CPU kernels unavailable ({e}); the torch fast paths serve instead "
+            f"(set {SWITCH}=0 to skip the build)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def usable(x: Tensor) -> bool:
+    """True when x, a recurrence input, is a float32 CPU tensor and the kernels are built."""
+    if _forced is not None:
+        return _forced
+    return x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
+
+
+@contextlib.contextmanager
+def forced(on: bool) -> Iterator[None]:
+    """Inside the block ``usable`` answers ``on``: the tests and benchmarks use it to run the
+    torch fast paths on a machine where the kernels are built."""
+    global _forced
+    before, _forced = _forced, on
+    try:
+        yield
+    finally:
+        _forced = before

@@ -1,0 +1,190 @@
+"""``rdn``, ``delta_rnn`` and ``delta_lstm`` on the fused C kernels of ``cpu_kernels``.
+
+Same arguments and results as ``recurrent_fast_weights`` (already checked there), float32 CPU
+tensors. Each forward and backward is one kernel call: a program per (batch element, head) runs
+the whole unroll with its fast weights in cache (see csrc/fwp_cpu.c). The forward saves only the
+per-step vectors the backward needs; the backward rewinds the fast weights from the final ones,
+restoring those a reset erased from a copy the forward kept.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from agents.cores import cpu_kernels
+
+
+def _call(name: str, *args: int | Tensor | None) -> None:
+    """Call kernel ``name``; tensors go as pointers (they must be contiguous float32/int32),
+    and the thread count torch uses is appended."""
+    fn = getattr(cpu_kernels.library(), name)
+    fn.restype = None
+    converted = []
+    for a in (*args, torch.get_num_threads()):
+        if isinstance(a, Tensor):
+            assert a.is_contiguous(), name
+            converted.append(ctypes.c_void_p(a.data_ptr()))
+        else:
+            converted.append(None if a is None else ctypes.c_int(a))
+    fn(*converted)
+
+
+def _resets(done: Tensor) -> tuple[Tensor, Tensor, int]:
+    """keep = 1 − done as float32, and a slot per reset at t > 0 for the erased fast weights
+    (−1 elsewhere): the backward's rewind must restore them."""
+    later = done.clone()
+    later[0] = False
+    flat = later.flatten()
+    slot = torch.where(flat, flat.cumsum(0) - 1, -1).to(torch.int32).view(done.shape)
+    return (~done).float(), slot, int(flat.sum())
+
+
+def _training(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _c(*tensors: Tensor) -> list[Tensor]:
+    return [t.contiguous() for t in tensors]
+
+
+class _RDN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, state_grad, train, done, qx, kx, vx, bx, Rq, Rk, Rv, rb, W0, y0):
+        T, B, H, d = qx.shape
+        X = torch.cat([qx, kx, vx, bx], -1)  # [T,B,H,3d+1]
+        P = torch.cat([Rq, Rk, Rv, rb.unsqueeze(-1)], -1).contiguous()  # [H,d,3d+1]
+        keep, slot, n_slots = _resets(done)
+        W0, y0 = _c(W0, y0)
+        Y, W_last = X.new_empty(T, B, H, d), X.new_empty(B, H, d, d)
+        saved = X.new_empty(T, B, H, 4 * d + 1) if train else None
+        erased = X.new_empty(n_slots, H, d, d)
+        _call(
+            "rdn_forward", T, B, H, d, X, P, keep, W0, y0, Y, W_last, saved, slot, erased
+        )  # fmt: skip
+        if train:
+            ctx.state_grad = state_grad
+            ctx.save_for_backward(P, keep, y0, Y, W_last, saved, slot, erased)
+        return Y, W_last, Y[T - 1].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gY, gW_last, gy_last):
+        P, keep, y0, Y, W_last, saved, slot, erased = ctx.saved_tensors
+        T, B, H, d = Y.shape
+        gX, S = Y.new_empty(T, B, H, 3 * d + 1), torch.empty_like(Y)
+        gW0, gy0 = torch.empty_like(W_last), torch.empty_like(y0)
+        full = int(ctx.state_grad == "full")
+        _call(
+            "rdn_backward", T, B, H, d, full, P, keep, y0, Y, W_last, saved, slot, erased,
+            *_c(gY, gW_last, gy_last), gX, S, gW0, gy0,
+        )  # fmt: skip
+        gP = torch.einsum("tbhi,tbhj->hij", S, gX)  # pre = x + s [R_q | R_k | R_v | r_b]
+        return (
+            None, None, None, gX[..., :d], gX[..., d : 2 * d], gX[..., 2 * d : 3 * d],
+            gX[..., 3 * d :], gP[..., :d], gP[..., d : 2 * d], gP[..., 2 * d : 3 * d],
+            gP[..., 3 * d], gW0, gy0,
+        )  # fmt: skip
+
+
+class _DeltaRNN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, state_grad, train, done, q, k, v, beta, rk, rv, rbeta, W0, R0, y0):
+        T, B, H, d = q.shape
+        inputs = _c(q, k, v, beta, rk, rv, rbeta)
+        keep, slot, n_slots = _resets(done)
+        W0, R0, y0 = _c(W0, R0, y0)
+        Y = q.new_empty(T, B, H, d)
+        W_last, R_last = torch.empty_like(W0), torch.empty_like(R0)
+        saved = q.new_empty(T, B, H, 5 * d) if train else None
+        erased = q.new_empty(n_slots, H, 2, d, d)
+        _call(
+            "delta_rnn_forward", T, B, H, d, *inputs, keep, W0, R0, y0, Y, W_last, R_last,
+            saved, slot, erased,
+        )  # fmt: skip
+        if train:
+            ctx.state_grad = state_grad
+            q, k, _, beta, rk, _, rbeta = inputs
+            ctx.save_for_backward(q, k, beta, rk, rbeta, keep, W_last, R_last, saved, slot, erased)
+        return Y, W_last, R_last, Y[T - 1].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gY, gW_last, gR_last, gy_last):
+        q, k, beta, rk, rbeta, *rest = ctx.saved_tensors
+        grads = [torch.empty_like(x) for x in (q, k, q, beta, rk, q, rbeta)]
+        g_state = [torch.empty_like(x) for x in (gW_last, gR_last, gy_last)]
+        _call(
+            "delta_rnn_backward", *q.shape, int(ctx.state_grad == "full"), q, k, beta, rk,
+            rbeta, *rest, *_c(gY, gW_last, gR_last, gy_last), *grads, *g_state,
+        )  # fmt: skip
+        return None, None, None, *grads, *g_state
+
+
+class _DeltaLSTM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, state_grad, train, done, q, k, v, beta, rk, rv, rbeta, W0, R0, h0, c0):
+        T, B, H, _, d = q.shape
+        inputs = _c(q, k, v, beta, rk, rv, rbeta)
+        keep, slot, n_slots = _resets(done)
+        W0, R0, h0, c0 = _c(W0, R0, h0, c0)
+        Y = q.new_empty(T, B, H, d)
+        W_last, R_last, c_last = torch.empty_like(W0), torch.empty_like(R0), torch.empty_like(c0)
+        saved = q.new_empty(T, B, H, 17 * d) if train else None
+        erased = q.new_empty(n_slots, H, 2, 3, d, d)
+        _call(
+            "delta_lstm_forward", T, B, H, d, *inputs, keep, W0, R0, h0, c0, Y, W_last, R_last,
+            c_last, saved, slot, erased,
+        )  # fmt: skip
+        if train:
+            ctx.state_grad = state_grad
+            q, k, _, beta, rk, _, rbeta = inputs
+            ctx.save_for_backward(
+                q, k, beta, rk, rbeta, keep, c0, W_last, R_last, saved, slot, erased
+            )
+        return Y, W_last, R_last, Y[T - 1].clone(), c_last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gY, gW_last, gR_last, gh_last, gc_last):
+        q, k, beta, rk, rbeta, *rest = ctx.saved_tensors
+        T, B, H, _, d = q.shape
+        grads = [torch.empty_like(x) for x in (q, k, q, beta, rk, q, rbeta)]
+        g_state = [torch.empty_like(x) for x in (gW_last, gR_last, gh_last, gc_last)]
+        _call(
+            "delta_lstm_backward", T, B, H, d, int(ctx.state_grad == "full"), q, k, beta, rk,
+            rbeta, *rest, *_c(gY, gW_last, gR_last, gh_last, gc_last), *grads, *g_state,
+        )  # fmt: skip
+        return None, None, None, *grads, *g_state
+
+
+def rdn(
+    qx: Tensor, kx: Tensor, vx: Tensor, bx: Tensor, Rq: Tensor, Rk: Tensor, Rv: Tensor,
+    rb: Tensor, done: Tensor, state: tuple[Tensor, ...], state_grad: str = "full",
+) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
+    """``recurrent_fast_weights.rdn`` (same arguments, already checked) on the C kernels."""
+    args = (qx, kx, vx, bx, Rq, Rk, Rv, rb, *state)
+    y, W, y_last = _RDN.apply(state_grad, _training(*args), done, *args)
+    return y, (W, y_last)
+
+
+def delta_rnn(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, rk: Tensor, rv: Tensor, rbeta: Tensor,
+    done: Tensor, state: tuple[Tensor, ...], state_grad: str = "full",
+) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
+    """``recurrent_fast_weights.delta_rnn`` (same arguments, already checked) on the C kernels."""
+    args = (q, k, v, beta, rk, rv, rbeta, *state)
+    y, *final = _DeltaRNN.apply(state_grad, _training(*args), done, *args)
+    return y, tuple(final)
+
+
+def delta_lstm(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, rk: Tensor, rv: Tensor, rbeta: Tensor,
+    done: Tensor, state: tuple[Tensor, ...], state_grad: str = "full",
+) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
+    """``recurrent_fast_weights.delta_lstm`` (same arguments, already checked) on the C kernels."""
+    args = (q, k, v, beta, rk, rv, rbeta, *state)
+    y, W, R, h, c = _DeltaLSTM.apply(state_grad, _training(*args), done, *args)
+    return y, (W, R, h, c)

@@ -1,0 +1,412 @@
+/* Fused CPU kernels for the sequential fast-weight recurrences of DESIGN §3 (rdn, delta_rnn,
+ * delta_lstm).
+ *
+ * One program per (batch element, head) runs all T steps with its fast weights in a local
+ * buffer that stays in L1 cache, where the torch path streams every matrix of the batch through
+ * memory each step with a dozen small ops. Programs are independent, so OpenMP spreads them
+ * over the threads the caller asks for (torch's own libgomp is already loaded, so both share
+ * one thread pool).
+ *
+ * Conventions (matching agents/cores/recurrent_fast_weights.py): row vectors, fast weights
+ * key-major [d, d] with read y = q M; all arrays float32 and contiguous; time-major inputs
+ * [T, B, H, ...] so step t of program n = b * H + h is row t * B * H + n. keep[t, b] = 1 - done
+ * is applied to every state tensor before step t. The backward rewinds the fast weights,
+ * M_{t-1} = M_t - kᵀu, and restores the matrices a reset erased from `erased` (slot[t, b] >= 0
+ * for every reset at t > 0). `full` = 0 (state_grad="none"): a step's gradient stops at the
+ * state it read, except at step 0, whose gradient reaches the initial state.
+ */
+#include <math.h>
+#include <string.h>
+
+#define ROW(t) ((long)(t) * B * H + n)
+
+static float dot(int D, const float *restrict a, const float *restrict b) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int j = 0; j < D; j++) s += a[j] * b[j];
+    return s;
+}
+
+static float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
+static void softmax(int D, const float *restrict x, float *restrict out) {
+    float m = x[0], z = 0.f;
+#pragma omp simd reduction(max : m)
+    for (int j = 1; j < D; j++) m = x[j] > m ? x[j] : m;
+#pragma omp simd reduction(+ : z)
+    for (int j = 0; j < D; j++) z += (out[j] = expf(x[j] - m));
+    for (int j = 0; j < D; j++) out[j] /= z;
+}
+
+/* g <- the gradient w.r.t. the softmax's input, given s = softmax(x) and g w.r.t. s. */
+static void softmax_backward(int D, const float *restrict s, float *restrict g) {
+    float gs = dot(D, g, s);
+    for (int j = 0; j < D; j++) g[j] = s[j] * (g[j] - gs);
+}
+
+/* DS(M; q, k, v, β) of DESIGN §3 in place: write kᵀu with u = β (v − k M), then read y = q M.
+ * The read uses q M_new = q M + (q·k) u, so q and k share one pass over M. Returns diff = v − k M
+ * and u for the backward. */
+static void ds_forward(int D, float *restrict M, const float *restrict q, const float *restrict k,
+                       const float *restrict v, float beta, float *restrict y,
+                       float *restrict diff, float *restrict u) {
+    float kM[D], qM[D];
+    memset(kM, 0, sizeof kM);
+    memset(qM, 0, sizeof qM);
+    for (int i = 0; i < D; i++) {
+        const float *row = M + i * D, ki = k[i], qi = q[i];
+        for (int j = 0; j < D; j++) {
+            kM[j] += ki * row[j];
+            qM[j] += qi * row[j];
+        }
+    }
+    float qk = dot(D, q, k);
+    for (int j = 0; j < D; j++) {
+        diff[j] = v[j] - kM[j];
+        u[j] = beta * diff[j];
+        y[j] = qM[j] + qk * u[j];
+    }
+    for (int i = 0; i < D; i++) {
+        float *row = M + i * D, ki = k[i];
+        for (int j = 0; j < D; j++) row[j] += ki * u[j];
+    }
+}
+
+/* Backward of ds_forward. On entry M is the written matrix and gM the gradient w.r.t. it from
+ * later steps; both are rewound in place (to the matrix read and the gradient w.r.t. it). g is
+ * the gradient w.r.t. y. Writes gq, gk, gv (gq is accumulated into when accumulate_q is set)
+ * and returns the gradient w.r.t. β. */
+static float ds_backward(int D, float *restrict M, float *restrict gM, const float *restrict g,
+                         const float *restrict q, const float *restrict k, float beta,
+                         const float *restrict u, const float *restrict diff, float *restrict gq,
+                         float *restrict gk, float *restrict gv, int accumulate_q) {
+    float gu[D];
+    float qk = dot(D, q, k), gu_dot = dot(D, g, u);
+    for (int j = 0; j < D; j++) gu[j] = qk * g[j];
+    for (int i = 0; i < D; i++) {  /* G = gM + qᵀg: gu = k G, gk (write) = G uᵀ */
+        const float *row = gM + i * D;
+        float ki = k[i], s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int j = 0; j < D; j++) {
+            gu[j] += ki * row[j];
+            s += row[j] * u[j];
+        }
+        gk[i] = s + q[i] * gu_dot;
+    }
+    for (int j = 0; j < D; j++) gv[j] = beta * gu[j];
+    for (int i = 0; i < D; i++) {  /* rewind M, then gq = g M_newᵀ, gk −= gv M_oldᵀ */
+        float *row = M + i * D, *grow = gM + i * D;
+        float ki = k[i], qi = q[i], a = 0.f, b = 0.f;
+#pragma omp simd reduction(+ : a, b)
+        for (int j = 0; j < D; j++) {
+            row[j] -= ki * u[j];
+            a += row[j] * g[j];
+            b += row[j] * gv[j];
+            grow[j] += qi * g[j] - ki * gv[j];
+        }
+        gq[i] = (accumulate_q ? gq[i] : 0.f) + a + ki * gu_dot;
+        gk[i] -= b;
+    }
+    return dot(D, gu, diff);
+}
+
+static void scale(long count, float *x, float a) {
+    if (a == 1.f) return;
+    for (long j = 0; j < count; j++) x[j] *= a;
+}
+
+/* ------------------------------------------------------------------ Recurrent Delta Net
+ * X [T,B,H,E] raw [q_x | k_x | v_x | b_x], E = 3D + 1; P [H,D,E] = [R_q | R_k | R_v | r_b];
+ * s = tanh(y_{t-1}), pre = x + s P, q = softmax, k = softmax, v, β = σ; y = DS(W; q, k, v, β).
+ * saved [T,B,H,4D+1] = [q | k | u | diff | β] (NULL: inference, nothing saved). */
+void rdn_forward(int T, int B, int H, int D, const float *X, const float *P, const float *keep,
+                 const float *W0, const float *y0, float *Y, float *W_last, float *saved,
+                 const int *slot, float *erased, int threads) {
+    const int E = 3 * D + 1, S = 4 * D + 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < B * H; n++) {
+        const int b = n / H, h = n % H;
+        const float *Ph = P + (long)h * D * E;
+        float W[D * D], y[D], s[D], pre[E], q[D], k[D], u[D], diff[D];
+        memcpy(W, W0 + (long)n * D * D, sizeof W);
+        memcpy(y, y0 + (long)n * D, sizeof y);
+        for (int t = 0; t < T; t++) {
+            const long row = ROW(t);
+            if (keep[t * B + b] == 0.f) {
+                if (slot[t * B + b] >= 0) memcpy(erased + ((long)slot[t * B + b] * H + h) * D * D, W, sizeof W);
+                memset(W, 0, sizeof W);
+                memset(y, 0, sizeof y);
+            }
+            memcpy(pre, X + row * E, sizeof pre);
+            for (int i = 0; i < D; i++) {
+                const float *prow = Ph + i * E;
+                float si = s[i] = tanhf(y[i]);
+                for (int j = 0; j < E; j++) pre[j] += si * prow[j];
+            }
+            softmax(D, pre, q);
+            softmax(D, pre + D, k);
+            float beta = sigmoid(pre[3 * D]);
+            ds_forward(D, W, q, k, pre + 2 * D, beta, y, diff, u);
+            memcpy(Y + row * D, y, sizeof y);
+            if (saved) {
+                float *sv = saved + row * S;
+                memcpy(sv, q, sizeof q);
+                memcpy(sv + D, k, sizeof k);
+                memcpy(sv + 2 * D, u, sizeof u);
+                memcpy(sv + 3 * D, diff, sizeof diff);
+                sv[4 * D] = beta;
+            }
+        }
+        memcpy(W_last + (long)n * D * D, W, sizeof W);
+    }
+}
+
+/* Writes gX [T,B,H,E] (w.r.t. the raw inputs), Sx [T,B,H,D] = tanh(y_{t-1}) (the caller forms
+ * the slow weights' gradient Σ sᵀ gX) and the initial state's gradients gW0, gy0. */
+void rdn_backward(int T, int B, int H, int D, int full, const float *P, const float *keep,
+                  const float *y0, const float *Y, const float *W_last, const float *saved,
+                  const int *slot, const float *erased, const float *gY, const float *gW_last,
+                  const float *gy_last, float *gX, float *Sx, float *gW0, float *gy0,
+                  int threads) {
+    const int E = 3 * D + 1, S = 4 * D + 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < B * H; n++) {
+        const int b = n / H, h = n % H;
+        const float *Ph = P + (long)h * D * E;
+        float W[D * D], gW[D * D], gy[D], g[D], s[D], gv[D];
+        memcpy(W, W_last + (long)n * D * D, sizeof W);
+        memcpy(gW, gW_last + (long)n * D * D, sizeof gW);
+        memcpy(gy, gy_last + (long)n * D, sizeof gy);
+        for (int t = T - 1; t >= 0; t--) {
+            const long row = ROW(t);
+            const float a = keep[t * B + b], *sv = saved + row * S;
+            const float *q = sv, *k = sv + D, *u = sv + 2 * D, *diff = sv + 3 * D, beta = sv[4 * D];
+            float *gx = gX + row * E;
+            for (int j = 0; j < D; j++) g[j] = gy[j] + gY[row * D + j];
+            float gbeta = ds_backward(D, W, gW, g, q, k, beta, u, diff, gx, gx + D, gv, 0);
+            softmax_backward(D, q, gx);
+            softmax_backward(D, k, gx + D);
+            memcpy(gx + 2 * D, gv, sizeof gv);
+            gx[3 * D] = gbeta * beta * (1.f - beta);
+            const float *yp = t > 0 ? Y + ROW(t - 1) * D : y0 + (long)n * D;
+            float pass = (full || t == 0) ? a : 0.f;
+            for (int i = 0; i < D; i++) {
+                s[i] = tanhf(yp[i] * a);
+                gy[i] = dot(E, Ph + i * E, gx) * (1.f - s[i] * s[i]) * pass;
+            }
+            memcpy(Sx + row * D, s, sizeof s);
+            if (a == 0.f && t > 0) memcpy(W, erased + ((long)slot[t * B + b] * H + h) * D * D, sizeof W);
+            scale(D * D, gW, pass);
+        }
+        memcpy(gW0 + (long)n * D * D, gW, sizeof gW);
+        memcpy(gy0 + (long)n * D, gy, sizeof gy);
+    }
+}
+
+/* ------------------------------------------------------------------ Delta RNN
+ * q, k, v, rk, rv [T,B,H,D] and beta, rbeta [T,B,H] already activated; state W, R [B,H,D,D],
+ * y [B,H,D]. y = DS(W; q, k, v, β) + DS(R; softmax(y_{t-1}), r_k, r_v, r_β).
+ * saved [T,B,H,5D] = [u | diff | softmax(y_{t-1}) | u_R | diff_R]; erased holds (W, R) per slot. */
+void delta_rnn_forward(int T, int B, int H, int D, const float *q, const float *k, const float *v,
+                       const float *beta, const float *rk, const float *rv, const float *rbeta,
+                       const float *keep, const float *W0, const float *R0, const float *y0,
+                       float *Y, float *W_last, float *R_last, float *saved, const int *slot,
+                       float *erased, int threads) {
+    const int S = 5 * D;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < B * H; n++) {
+        const int b = n / H, h = n % H;
+        float W[D * D], R[D * D], y[D], z[D], sy[D], buf[S];
+        memcpy(W, W0 + (long)n * D * D, sizeof W);
+        memcpy(R, R0 + (long)n * D * D, sizeof R);
+        memcpy(y, y0 + (long)n * D, sizeof y);
+        for (int t = 0; t < T; t++) {
+            const long row = ROW(t), off = row * D;
+            if (keep[t * B + b] == 0.f) {
+                if (slot[t * B + b] >= 0) {
+                    float *e = erased + ((long)slot[t * B + b] * H + h) * 2 * D * D;
+                    memcpy(e, W, sizeof W);
+                    memcpy(e + D * D, R, sizeof R);
+                }
+                memset(W, 0, sizeof W);
+                memset(R, 0, sizeof R);
+                memset(y, 0, sizeof y);
+            }
+            float *sv = saved ? saved + row * S : buf;
+            ds_forward(D, W, q + off, k + off, v + off, beta[row], z, sv + D, sv);
+            softmax(D, y, sv + 2 * D);
+            memcpy(sy, sv + 2 * D, sizeof sy);
+            ds_forward(D, R, sy, rk + off, rv + off, rbeta[row], y, sv + 4 * D, sv + 3 * D);
+            for (int j = 0; j < D; j++) y[j] += z[j];
+            memcpy(Y + off, y, sizeof y);
+        }
+        memcpy(W_last + (long)n * D * D, W, sizeof W);
+        memcpy(R_last + (long)n * D * D, R, sizeof R);
+    }
+}
+
+void delta_rnn_backward(int T, int B, int H, int D, int full, const float *q, const float *k,
+                        const float *beta, const float *rk, const float *rbeta,
+                        const float *keep, const float *W_last, const float *R_last,
+                        const float *saved, const int *slot, const float *erased,
+                        const float *gY, const float *gW_last, const float *gR_last,
+                        const float *gy_last, float *gq, float *gk, float *gv, float *gbeta,
+                        float *grk, float *grv, float *grbeta, float *gW0, float *gR0,
+                        float *gy0, int threads) {
+    const int S = 5 * D;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < B * H; n++) {
+        const int b = n / H, h = n % H;
+        float W[D * D], R[D * D], gW[D * D], gR[D * D], gy[D], g[D];
+        memcpy(W, W_last + (long)n * D * D, sizeof W);
+        memcpy(R, R_last + (long)n * D * D, sizeof R);
+        memcpy(gW, gW_last + (long)n * D * D, sizeof gW);
+        memcpy(gR, gR_last + (long)n * D * D, sizeof gR);
+        memcpy(gy, gy_last + (long)n * D, sizeof gy);
+        for (int t = T - 1; t >= 0; t--) {
+            const long row = ROW(t), off = row * D;
+            const float a = keep[t * B + b], *sv = saved + row * S;
+            const float pass = (full || t == 0) ? a : 0.f;
+            for (int j = 0; j < D; j++) g[j] = gy[j] + gY[off + j];
+            gbeta[row] = ds_backward(D, W, gW, g, q + off, k + off, beta[row], sv, sv + D,
+                                     gq + off, gk + off, gv + off, 0);
+            grbeta[row] = ds_backward(D, R, gR, g, sv + 2 * D, rk + off, rbeta[row], sv + 3 * D,
+                                      sv + 4 * D, gy, grk + off, grv + off, 0);
+            softmax_backward(D, sv + 2 * D, gy);
+            scale(D, gy, pass);
+            if (a == 0.f && t > 0) {
+                const float *e = erased + ((long)slot[t * B + b] * H + h) * 2 * D * D;
+                memcpy(W, e, sizeof W);
+                memcpy(R, e + D * D, sizeof R);
+            }
+            scale(D * D, gW, pass);
+            scale(D * D, gR, pass);
+        }
+        memcpy(gW0 + (long)n * D * D, gW, sizeof gW);
+        memcpy(gR0 + (long)n * D * D, gR, sizeof gR);
+        memcpy(gy0 + (long)n * D, gy, sizeof gy);
+    }
+}
+
+/* ------------------------------------------------------------------ Delta LSTM
+ * q, k, v, rk, rv [T,B,H,3,D] and beta, rbeta [T,B,H,3] already activated, gate axis (i, u, o);
+ * state W, R [B,H,3,D,D], h, c [B,H,D]. pre_g = DS(W_g; q_g, k_g, v_g, β_g)
+ * + DS(R_g; softmax(h_{t-1}), r_k,g, r_v,g, r_β,g); c = σ(pre_i) pre_u + (1 − σ(pre_i)) c_{t-1};
+ * h = σ(pre_o) c. saved [T,B,H,17D] = [u_W (3D) | diff_W (3D) | u_R (3D) | diff_R (3D) |
+ * softmax(h_{t-1}) | i | u | o | c]; erased holds (W, R) per slot. */
+#define LSTM_SAVED 17
+
+void delta_lstm_forward(int T, int B, int H, int D, const float *q, const float *k,
+                        const float *v, const float *beta, const float *rk, const float *rv,
+                        const float *rbeta, const float *keep, const float *W0, const float *R0,
+                        const float *h0, const float *c0, float *Y, float *W_last,
+                        float *R_last, float *c_last, float *saved, const int *slot,
+                        float *erased, int threads) {
+    const int S = LSTM_SAVED * D, G = 3 * D * D;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < B * H; n++) {
+        const int b = n / H, h = n % H;
+        float W[G], R[G], hh[D], c[D], z[D], r[D], pre[3 * D], buf[S];
+        memcpy(W, W0 + (long)n * G, sizeof W);
+        memcpy(R, R0 + (long)n * G, sizeof R);
+        memcpy(hh, h0 + (long)n * D, sizeof hh);
+        memcpy(c, c0 + (long)n * D, sizeof c);
+        for (int t = 0; t < T; t++) {
+            const long row = ROW(t);
+            if (keep[t * B + b] == 0.f) {
+                if (slot[t * B + b] >= 0) {
+                    float *e = erased + ((long)slot[t * B + b] * H + h) * 2 * G;
+                    memcpy(e, W, sizeof W);
+                    memcpy(e + G, R, sizeof R);
+                }
+                memset(W, 0, sizeof W);
+                memset(R, 0, sizeof R);
+                memset(hh, 0, sizeof hh);
+                memset(c, 0, sizeof c);
+            }
+            float *sv = saved ? saved + row * S : buf, *sh = sv + 12 * D;
+            softmax(D, hh, sh);
+            for (int gi = 0; gi < 3; gi++) {
+                const long off = (row * 3 + gi) * D, col = row * 3 + gi;
+                ds_forward(D, W + gi * D * D, q + off, k + off, v + off, beta[col], z,
+                           sv + 3 * D + gi * D, sv + gi * D);
+                ds_forward(D, R + gi * D * D, sh, rk + off, rv + off, rbeta[col], r,
+                           sv + 9 * D + gi * D, sv + 6 * D + gi * D);
+                for (int j = 0; j < D; j++) pre[gi * D + j] = z[j] + r[j];
+            }
+            float *ig = sv + 13 * D, *ug = sv + 14 * D, *og = sv + 15 * D;
+            for (int j = 0; j < D; j++) {
+                ig[j] = sigmoid(pre[j]);
+                ug[j] = pre[D + j];
+                og[j] = sigmoid(pre[2 * D + j]);
+                c[j] = ig[j] * ug[j] + (1.f - ig[j]) * c[j];
+                hh[j] = og[j] * c[j];
+            }
+            memcpy(sv + 16 * D, c, sizeof c);
+            memcpy(Y + row * D, hh, sizeof hh);
+        }
+        memcpy(W_last + (long)n * G, W, sizeof W);
+        memcpy(R_last + (long)n * G, R, sizeof R);
+        memcpy(c_last + (long)n * D, c, sizeof c);
+    }
+}
+
+void delta_lstm_backward(int T, int B, int H, int D, int full, const float *q, const float *k,
+                         const float *beta, const float *rk, const float *rbeta,
+                         const float *keep, const float *c0, const float *W_last,
+                         const float *R_last, const float *saved, const int *slot,
+                         const float *erased, const float *gY, const float *gW_last,
+                         const float *gR_last, const float *gh_last, const float *gc_last,
+                         float *gq, float *gk, float *gv, float *gbeta, float *grk, float *grv,
+                         float *grbeta, float *gW0, float *gR0, float *gh0, float *gc0,
+                         int threads) {
+    const int S = LSTM_SAVED * D, G = 3 * D * D;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < B * H; n++) {
+        const int b = n / H, h = n % H;
+        float W[G], R[G], gW[G], gR[G], gh[D], gc[D], gpre[3 * D];
+        memcpy(W, W_last + (long)n * G, sizeof W);
+        memcpy(R, R_last + (long)n * G, sizeof R);
+        memcpy(gW, gW_last + (long)n * G, sizeof gW);
+        memcpy(gR, gR_last + (long)n * G, sizeof gR);
+        memcpy(gh, gh_last + (long)n * D, sizeof gh);
+        memcpy(gc, gc_last + (long)n * D, sizeof gc);
+        for (int t = T - 1; t >= 0; t--) {
+            const long row = ROW(t);
+            const float a = keep[t * B + b], *sv = saved + row * S, *sh = sv + 12 * D;
+            const float *ig = sv + 13 * D, *ug = sv + 14 * D, *og = sv + 15 * D, *c = sv + 16 * D;
+            const float *c_prev = t > 0 ? saved + ROW(t - 1) * S + 16 * D : c0 + (long)n * D;
+            const float pass = (full || t == 0) ? a : 0.f;
+            for (int j = 0; j < D; j++) {
+                float ght = gh[j] + gY[row * D + j], gct = gc[j] + ght * og[j];
+                gpre[j] = gct * (ug[j] - c_prev[j] * a) * ig[j] * (1.f - ig[j]);
+                gpre[D + j] = gct * ig[j];
+                gpre[2 * D + j] = ght * c[j] * og[j] * (1.f - og[j]);
+                gc[j] = gct * (1.f - ig[j]) * pass;
+            }
+            for (int gi = 0; gi < 3; gi++) {
+                const long off = (row * 3 + gi) * D, col = row * 3 + gi;
+                float *Wg = W + gi * D * D, *Rg = R + gi * D * D, *g = gpre + gi * D;
+                gbeta[col] = ds_backward(D, Wg, gW + gi * D * D, g, q + off, k + off, beta[col],
+                                         sv + gi * D, sv + 3 * D + gi * D, gq + off, gk + off,
+                                         gv + off, 0);
+                grbeta[col] = ds_backward(D, Rg, gR + gi * D * D, g, sh, rk + off, rbeta[col],
+                                          sv + 6 * D + gi * D, sv + 9 * D + gi * D, gh,
+                                          grk + off, grv + off, gi > 0);
+            }
+            softmax_backward(D, sh, gh);
+            scale(D, gh, pass);
+            if (a == 0.f && t > 0) {
+                const float *e = erased + ((long)slot[t * B + b] * H + h) * 2 * G;
+                memcpy(W, e, sizeof W);
+                memcpy(R, e + G, sizeof R);
+            }
+            scale(G, gW, pass);
+            scale(G, gR, pass);
+        }
+        memcpy(gW0 + (long)n * G, gW, sizeof gW);
+        memcpy(gR0 + (long)n * G, gR, sizeof gR);
+        memcpy(gh0 + (long)n * D, gh, sizeof gh);
+        memcpy(gc0 + (long)n * D, gc, sizeof gc);
+    }
+}

@@ -1,0 +1,102 @@
+"""The fused C kernels of agents/cores/csrc: their build, their fallback, and their results at
+the paper's head size against the per-step reference (the small-size parity, resets and hand
+examples run in test_fast_weights_recurrent.py, where "fast" takes these kernels)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from agents.cores import cpu_kernels
+from tests.test_fast_weights_recurrent import NAMES, flat_outputs, make_case, resets, run
+
+COMPILER = shutil.which(os.environ.get("CC", "cc"))
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """library() rebuilt under a private cache; the shared one is restored afterwards."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu_kernels.library.cache_clear()
+    yield tmp_path
+    monkeypatch.undo()
+    cpu_kernels.library.cache_clear()
+
+
+@pytest.mark.skipif(COMPILER is None, reason="no C compiler")
+def test_kernels_build_once_and_are_reused(fresh_library):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels.library() is not None
+    built = list((fresh_library / "deltabeast").glob("fwp_cpu-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert cpu_kernels._build() == built[0] and built[0].stat().st_mtime_ns == stamp
+    assert cpu_kernels.usable(torch.zeros(1))
+    assert not cpu_kernels.usable(torch.zeros(1, dtype=torch.float64))
+
+
+def test_without_a_compiler_the_torch_path_serves_after_one_warning(fresh_library, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_library / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable.*torch fast paths"):
+        assert cpu_kernels.library() is None
+    assert not cpu_kernels.usable(torch.zeros(1))
+    inputs, state = make_case("rdn", T=5, B=2, H=1, d=4)
+    y, _ = run("rdn", inputs, resets(5, 2), state)
+    y_ref, _ = run("rdn", inputs, resets(5, 2), state, impl="reference")
+    torch.testing.assert_close(y, y_ref)
+
+
+def test_switched_off_by_environment(fresh_library, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels.library() is None
+    assert not list(fresh_library.glob("**/*.so"))
+
+
+needs_kernels = pytest.mark.skipif(
+    cpu_kernels.library() is None, reason="fused CPU kernels not built here"
+)
+
+
+@needs_kernels
+@pytest.mark.parametrize("state_grad", ["full", "none"])
+@pytest.mark.parametrize("name", NAMES)
+def test_paper_head_size_matches_reference(name, state_grad):
+    # d = 32 as in the paper (the vectorised inner loops), T = 50 with resets, 2 threads.
+    T, B = 50, 3
+    inputs, state = make_case(name, T, B, H=2, d=32, seed=11)
+    done = resets(T, B)
+    results = {}
+    for impl in ("reference", "fast"):
+        y, final = run(name, inputs, done, state, impl=impl, state_grad=state_grad)
+        outs = flat_outputs(y, final)
+        g = torch.Generator().manual_seed(12)
+        cotangents = [torch.randn(o.shape, generator=g) for o in outs]
+        results[impl] = [*outs, *torch.autograd.grad(outs, [*inputs, *state], cotangents)]
+    for a, b in zip(results["reference"], results["fast"], strict=True):
+        assert (a - b).abs().max() <= 2e-5 * max(a.abs().max(), 1.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", NAMES)
+def test_inference_and_thread_count_give_the_same_numbers(name):
+    # Under no_grad the forward saves nothing for a backward; programs never share data, so
+    # the result is bit-identical whatever the thread count.
+    inputs, state = make_case(name, T=6, B=4, H=2, d=32, seed=13)
+    done = resets(6, 4)
+    y, final = run(name, inputs, done, state)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            y1, final1 = run(name, inputs, done, state)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(flat_outputs(y, final), flat_outputs(y1, final1), strict=True):
+        assert torch.equal(a, b)
