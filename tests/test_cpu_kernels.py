@@ -38,6 +38,7 @@ def test_kernels_build_once_and_are_reused(fresh_library):
     assert cpu_kernels._build() == built[0] and built[0].stat().st_mtime_ns == stamp
     assert cpu_kernels.usable(torch.zeros(1))
     assert not cpu_kernels.usable(torch.zeros(1, dtype=torch.float64))
+    assert not cpu_kernels.usable(torch.zeros(1, cpu_kernels.MAX_HEAD_DIM + 1))
 
 
 def test_without_a_compiler_the_torch_path_serves_after_one_warning(fresh_library, monkeypatch):

@@ -28,6 +28,7 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("csrc") / "fwp_cpu.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 SWITCH = "DELTABEAST_CPU_KERNELS"
+MAX_HEAD_DIM = 128  # a program's matrices live on its thread's stack (delta_lstm: 12 d×d floats)
 _forced: bool | None = None
 
 
@@ -96,10 +97,12 @@ def library() -> ctypes.CDLL | None:
 
 
 def usable(x: Tensor) -> bool:
-    """True when x, a recurrence input, is a float32 CPU tensor and the kernels are built."""
+    """True when x, a recurrence input with the head dim last, is a float32 CPU tensor, its head
+    dim is at most MAX_HEAD_DIM and the kernels are built."""
     if _forced is not None:
         return _forced
-    return x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
+    cpu_f32 = x.device.type == "cpu" and x.dtype == torch.float32
+    return cpu_f32 and x.shape[-1] <= MAX_HEAD_DIM and library() is not None
 
 
 @contextlib.contextmanager

@@ -60,26 +60,27 @@ class _RDN(torch.autograd.Function):
         W0, y0 = _c(W0, y0)
         Y, W_last = X.new_empty(T, B, H, d), X.new_empty(B, H, d, d)
         saved = X.new_empty(T, B, H, 4 * d + 1) if train else None
+        S = torch.empty_like(Y) if train else None  # tanh(y_{t-1})
         erased = X.new_empty(n_slots, H, d, d)
         _call(
-            "rdn_forward", T, B, H, d, X, P, keep, W0, y0, Y, W_last, saved, slot, erased
+            "rdn_forward", T, B, H, d, X, P, keep, W0, y0, Y, W_last, saved, S, slot, erased
         )  # fmt: skip
         if train:
             ctx.state_grad = state_grad
-            ctx.save_for_backward(P, keep, y0, Y, W_last, saved, slot, erased)
+            ctx.save_for_backward(P, keep, W_last, saved, S, slot, erased)
         return Y, W_last, Y[T - 1].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY, gW_last, gy_last):
-        P, keep, y0, Y, W_last, saved, slot, erased = ctx.saved_tensors
-        T, B, H, d = Y.shape
-        gX, S = Y.new_empty(T, B, H, 3 * d + 1), torch.empty_like(Y)
-        gW0, gy0 = torch.empty_like(W_last), torch.empty_like(y0)
+        P, keep, W_last, saved, S, slot, erased = ctx.saved_tensors
+        T, B, H, d = S.shape
+        gX = S.new_empty(T, B, H, 3 * d + 1)
+        gW0, gy0 = torch.empty_like(W_last), torch.empty_like(gy_last)
         full = int(ctx.state_grad == "full")
         _call(
-            "rdn_backward", T, B, H, d, full, P, keep, y0, Y, W_last, saved, slot, erased,
-            *_c(gY, gW_last, gy_last), gX, S, gW0, gy0,
+            "rdn_backward", T, B, H, d, full, P, keep, W_last, saved, S, slot, erased,
+            *_c(gY, gW_last, gy_last), gX, gW0, gy0,
         )  # fmt: skip
         gP = torch.einsum("tbhi,tbhj->hij", S, gX)  # pre = x + s [R_q | R_k | R_v | r_b]
         return (

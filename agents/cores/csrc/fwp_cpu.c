@@ -27,14 +27,42 @@ static float dot(int D, const float *restrict a, const float *restrict b) {
     return s;
 }
 
-static float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+/* e^x within a few ulps, inline so that loops over it vectorise (libm's expf and tanhf are
+ * scalar calls without -ffast-math): x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor
+ * polynomial to r^6 (truncation below 1.2e-7 relative), 2^n put into the exponent bits. */
+static inline float fast_exp(float x) {
+    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x); /* keeps 2^n normal; NaN passes */
+    float n = rintf(x * 1.44269504f);
+    float r = fmaf(n, -0.693145751953125f, x);
+    r = fmaf(n, -1.428606765330187e-06f, r);
+    float p = 1.f / 720;
+    p = fmaf(p, r, 1.f / 120);
+    p = fmaf(p, r, 1.f / 24);
+    p = fmaf(p, r, 1.f / 6);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.f);
+    p = fmaf(p, r, 1.f);
+    union { int i; float f; } scale = {.i = ((int)n + 127) << 23};
+    return p * scale.f;
+}
+
+static inline float sigmoid(float x) { return 1.f / (1.f + fast_exp(-x)); }
+
+/* tanh from e^{-2|x|}; below |x| = 1/16, where 1 - e^{-2|x|} would cancel, its odd Taylor
+ * polynomial (error below 1e-8 relative). */
+static inline float fast_tanh(float x) {
+    float a = fabsf(x), e = fast_exp(-2.f * a), x2 = x * x;
+    float big = copysignf((1.f - e) / (1.f + e), x);
+    float small = x * fmaf(x2, fmaf(x2, 2.f / 15, -1.f / 3), 1.f);
+    return a < 0.0625f ? small : big;
+}
 
 static void softmax(int D, const float *restrict x, float *restrict out) {
     float m = x[0], z = 0.f;
 #pragma omp simd reduction(max : m)
     for (int j = 1; j < D; j++) m = x[j] > m ? x[j] : m;
 #pragma omp simd reduction(+ : z)
-    for (int j = 0; j < D; j++) z += (out[j] = expf(x[j] - m));
+    for (int j = 0; j < D; j++) z += (out[j] = fast_exp(x[j] - m));
     for (int j = 0; j < D; j++) out[j] /= z;
 }
 
@@ -118,10 +146,11 @@ static void scale(long count, float *x, float a) {
 /* ------------------------------------------------------------------ Recurrent Delta Net
  * X [T,B,H,E] raw [q_x | k_x | v_x | b_x], E = 3D + 1; P [H,D,E] = [R_q | R_k | R_v | r_b];
  * s = tanh(y_{t-1}), pre = x + s P, q = softmax, k = softmax, v, β = σ; y = DS(W; q, k, v, β).
- * saved [T,B,H,4D+1] = [q | k | u | diff | β] (NULL: inference, nothing saved). */
+ * saved [T,B,H,4D+1] = [q | k | u | diff | β] and Sx [T,B,H,D] = s (both NULL: inference,
+ * nothing saved). */
 void rdn_forward(int T, int B, int H, int D, const float *X, const float *P, const float *keep,
                  const float *W0, const float *y0, float *Y, float *W_last, float *saved,
-                 const int *slot, float *erased, int threads) {
+                 float *Sx, const int *slot, float *erased, int threads) {
     const int E = 3 * D + 1, S = 4 * D + 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < B * H; n++) {
@@ -137,10 +166,11 @@ void rdn_forward(int T, int B, int H, int D, const float *X, const float *P, con
                 memset(W, 0, sizeof W);
                 memset(y, 0, sizeof y);
             }
+#pragma omp simd
+            for (int i = 0; i < D; i++) s[i] = fast_tanh(y[i]);
             memcpy(pre, X + row * E, sizeof pre);
             for (int i = 0; i < D; i++) {
-                const float *prow = Ph + i * E;
-                float si = s[i] = tanhf(y[i]);
+                const float *prow = Ph + i * E, si = s[i];
                 for (int j = 0; j < E; j++) pre[j] += si * prow[j];
             }
             softmax(D, pre, q);
@@ -155,25 +185,25 @@ void rdn_forward(int T, int B, int H, int D, const float *X, const float *P, con
                 memcpy(sv + 2 * D, u, sizeof u);
                 memcpy(sv + 3 * D, diff, sizeof diff);
                 sv[4 * D] = beta;
+                memcpy(Sx + row * D, s, sizeof s);
             }
         }
         memcpy(W_last + (long)n * D * D, W, sizeof W);
     }
 }
 
-/* Writes gX [T,B,H,E] (w.r.t. the raw inputs), Sx [T,B,H,D] = tanh(y_{t-1}) (the caller forms
- * the slow weights' gradient Σ sᵀ gX) and the initial state's gradients gW0, gy0. */
+/* Writes gX [T,B,H,E] (w.r.t. the raw inputs; the caller forms the slow weights' gradient
+ * Σ sᵀ gX) and the initial state's gradients gW0, gy0. */
 void rdn_backward(int T, int B, int H, int D, int full, const float *P, const float *keep,
-                  const float *y0, const float *Y, const float *W_last, const float *saved,
-                  const int *slot, const float *erased, const float *gY, const float *gW_last,
-                  const float *gy_last, float *gX, float *Sx, float *gW0, float *gy0,
-                  int threads) {
+                  const float *W_last, const float *saved, const float *Sx, const int *slot,
+                  const float *erased, const float *gY, const float *gW_last,
+                  const float *gy_last, float *gX, float *gW0, float *gy0, int threads) {
     const int E = 3 * D + 1, S = 4 * D + 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < B * H; n++) {
         const int b = n / H, h = n % H;
         const float *Ph = P + (long)h * D * E;
-        float W[D * D], gW[D * D], gy[D], g[D], s[D], gv[D];
+        float W[D * D], gW[D * D], gy[D], g[D], gv[D];
         memcpy(W, W_last + (long)n * D * D, sizeof W);
         memcpy(gW, gW_last + (long)n * D * D, sizeof gW);
         memcpy(gy, gy_last + (long)n * D, sizeof gy);
@@ -188,13 +218,9 @@ void rdn_backward(int T, int B, int H, int D, int full, const float *P, const fl
             softmax_backward(D, k, gx + D);
             memcpy(gx + 2 * D, gv, sizeof gv);
             gx[3 * D] = gbeta * beta * (1.f - beta);
-            const float *yp = t > 0 ? Y + ROW(t - 1) * D : y0 + (long)n * D;
-            float pass = (full || t == 0) ? a : 0.f;
-            for (int i = 0; i < D; i++) {
-                s[i] = tanhf(yp[i] * a);
-                gy[i] = dot(E, Ph + i * E, gx) * (1.f - s[i] * s[i]) * pass;
-            }
-            memcpy(Sx + row * D, s, sizeof s);
+            const float *s = Sx + row * D;
+            const float pass = (full || t == 0) ? a : 0.f;
+            for (int i = 0; i < D; i++) gy[i] = dot(E, Ph + i * E, gx) * (1.f - s[i] * s[i]) * pass;
             if (a == 0.f && t > 0) memcpy(W, erased + ((long)slot[t * B + b] * H + h) * D * D, sizeof W);
             scale(D * D, gW, pass);
         }
