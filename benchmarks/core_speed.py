@@ -4,6 +4,8 @@ Sections (``--sections``, default all):
   train   fwd+bwd ms over an unroll (T=50, B=32, input 257) per core, impl, state_grad, bf16
           linear layers, threads, next to a bare ``nn.LSTM(257, 256)``; the sequential cores'
           fast path also with the fused C kernels switched off (``cpu_kernels: false``)
+  recurrence  fwd+bwd ms of each recurrence function alone (T=50, B=32, 4 heads of 32) per
+          impl and threads, against the issue's "fast >= 5x the per-step reference"
   act     single-step latency (T=1, no_grad) at B=8 and B=32 per core and threads (likewise)
   memory  bytes saved for backward and peak RSS growth of one fwd+bwd, each config in a
           fresh process
@@ -32,12 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.agent import build_agent  # noqa: E402
 from agents.cores import cpu_kernels, make_core  # noqa: E402
+from agents.cores import fast_weights as fw  # noqa: E402
 from agents.torso import make_torso  # noqa: E402
 
 T, B, INPUT = 50, 32, 257
 FWP = ("lt", "delta", "delta_rnn", "rdn", "delta_lstm")
 SEQUENTIAL = ("delta_rnn", "rdn", "delta_lstm")  # the cores with fused C kernels
-SECTIONS = ("train", "act", "memory", "torso")
+SECTIONS = ("train", "recurrence", "act", "memory", "torso")
+HEADS, HEAD_DIM = 4, 32
 
 
 def emit(**record: object) -> None:
@@ -121,6 +125,57 @@ def run_train(threads: list[int], repeats: int) -> None:
             with kernels_switch(opts):
                 ms = median_ms(train_step(build(), x, done), repeats)
             emit(section="train", core=name, **opts, threads=n, T=T, B=B, fwd_bwd_ms=ms)
+
+
+def recurrence_inputs(name: str) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Leaf inputs of recurrence ``name`` at the paper's sizes, activated as the cores do, and
+    its zero initial state."""
+    g = torch.Generator().manual_seed(0)
+    gates = (3,) if name == "delta_lstm" else ()
+    seq, col = (T, B, HEADS, *gates, HEAD_DIM), (T, B, HEADS, *gates, 1)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    def unit(*shape: int) -> torch.Tensor:
+        return torch.softmax(rnd(*shape), -1)
+
+    mat, vec = (B, HEADS, *gates, HEAD_DIM, HEAD_DIM), (B, HEADS, HEAD_DIM)
+    if name == "rdn":
+        slow = [rnd(HEADS, HEAD_DIM, HEAD_DIM) * HEAD_DIM**-0.5 for _ in range(3)]
+        inputs = [rnd(*seq), rnd(*seq), rnd(*seq), rnd(*col), *slow, rnd(HEADS, HEAD_DIM) * 0.2]
+        state = (torch.zeros(mat), torch.zeros(vec))
+    elif name in ("linear_attention", "delta_rule"):
+        inputs = [unit(*seq), unit(*seq), rnd(*seq)]
+        inputs += [torch.sigmoid(rnd(*col))] if name == "delta_rule" else []
+        state = (torch.zeros(mat),)
+    else:
+        inputs = [unit(*seq), unit(*seq), rnd(*seq), torch.sigmoid(rnd(*col))]
+        inputs += [unit(*seq), rnd(*seq), torch.sigmoid(rnd(*col))]
+        state = (torch.zeros(mat), torch.zeros(mat), *[torch.zeros(vec)] * (2 if gates else 1))
+    return [x.requires_grad_() for x in inputs], state
+
+
+def run_recurrence(threads: list[int], repeats: int) -> None:
+    done = episode_starts(T, B)
+    for n in threads:
+        torch.set_num_threads(n)
+        for name in ("linear_attention", "delta_rule", *SEQUENTIAL):
+            inputs, state = recurrence_inputs(name)
+            fn = getattr(fw, name)
+            variants = [{"impl": "fast"}, {"impl": "reference"}]
+            variants += [{"impl": "fast", "cpu_kernels": False}] if name in SEQUENTIAL else []
+            if name in ("linear_attention", "delta_rule"):
+                state = state[0]  # these take the bare matrix, not a tuple
+            for opts in variants:
+
+                def step(fn=fn, inputs=inputs, state=state, impl=opts["impl"]) -> None:
+                    y, _ = fn(*inputs, done, state, impl=impl)
+                    torch.autograd.grad(y.sum(), inputs)
+
+                with kernels_switch(opts):
+                    ms = median_ms(step, repeats)
+                emit(section="recurrence", recurrence=name, **opts, threads=n, fwd_bwd_ms=ms)
 
 
 def run_act(threads: list[int], repeats: int) -> None:
@@ -252,6 +307,8 @@ def main() -> None:
     threads = [int(n) for n in args.threads.split(",")]
     if "train" in sections:
         run_train(threads, args.repeats)
+    if "recurrence" in sections:
+        run_recurrence(threads, args.repeats)
     if "act" in sections:
         run_act(threads, args.repeats)
     if "memory" in sections:

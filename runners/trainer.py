@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agents.cores import cpu_kernels
 from runners.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -158,6 +159,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.agent = make_agent(cfg, self.info).to(self.device)
+        if cfg.agent.core in cpu_kernels.CORES:  # built once here, not by every actor at once
+            cpu_kernels.library()
         self.learner = Learner(self.agent, cfg.learner, cfg.runtime.total_steps, self.device)
         self.eval_process = None
         self.checkpoints = CheckpointManager(

@@ -14,22 +14,29 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from agents.cores.override import Override
+
 SOURCE = Path(__file__).with_name("csrc") / "fwp_cpu.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 SWITCH = "DELTABEAST_CPU_KERNELS"
+CORES = ("rdn", "delta_rnn", "delta_lstm")  # the cores whose recurrences the kernels serve
 MAX_HEAD_DIM = 128  # a program's matrices live on its thread's stack (delta_lstm: 12 d×d floats)
-_forced: bool | None = None
+_override = Override()
+# Inside ``with forced(on):`` usable answers ``on``: the tests and benchmarks use it to run the
+# torch fast paths on a machine where the kernels are built.
+forced = _override.forced
+log = logging.getLogger(__name__)
 
 
 def _cpu_signature() -> str:
@@ -70,7 +77,8 @@ def _build() -> Path:
             timeout=120,
         )
         if result.returncode != 0:
-            raise OSError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:]}")
+            last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise OSError(f"{compiler} failed: {last}")
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -84,8 +92,9 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get(SWITCH, "1") == "0":
         return None
     try:
+        path = _build()
         # torch's libgomp is already loaded under the same soname, so the kernels use its pool.
-        return ctypes.CDLL(str(_build()))
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
         warnings.warn(
             f"fused CPU kernels unavailable ({e}); the torch fast paths serve instead "
@@ -94,24 +103,14 @@ def library() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
+    log.info("fused CPU kernels: %s", path)
+    return lib
 
 
 def usable(x: Tensor) -> bool:
     """True when x, a recurrence input with the head dim last, is a float32 CPU tensor, its head
     dim is at most MAX_HEAD_DIM and the kernels are built."""
-    if _forced is not None:
-        return _forced
+    if _override.value is not None:
+        return _override.value
     cpu_f32 = x.device.type == "cpu" and x.dtype == torch.float32
     return cpu_f32 and x.shape[-1] <= MAX_HEAD_DIM and library() is not None
-
-
-@contextlib.contextmanager
-def forced(on: bool) -> Iterator[None]:
-    """Inside the block ``usable`` answers ``on``: the tests and benchmarks use it to run the
-    torch fast paths on a machine where the kernels are built."""
-    global _forced
-    before, _forced = _forced, on
-    try:
-        yield
-    finally:
-        _forced = before

@@ -8,15 +8,18 @@ them without a GPU).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
-from collections.abc import Iterator
 
 from torch import Tensor
 
+from agents.cores.override import Override
+
 HEAD_DIMS = (16, 32, 64)
-_forced: bool | None = None
+_override = Override()
+# Inside ``with forced(on):`` usable answers ``on`` whatever the tensor: the torch fast path on
+# CUDA (benchmarks), or the kernels on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+forced = _override.forced
 
 
 @functools.cache
@@ -27,18 +30,6 @@ def triton_installed() -> bool:
 def usable(x: Tensor) -> bool:
     """True when x (a recurrence input, head dim last) is on CUDA, its head dim has kernels
     (16, 32 or 64) and triton is installed."""
-    if _forced is not None:
-        return _forced
+    if _override.value is not None:
+        return _override.value
     return x.is_cuda and x.shape[-1] in HEAD_DIMS and triton_installed()
-
-
-@contextlib.contextmanager
-def forced(on: bool) -> Iterator[None]:
-    """Inside the block ``usable`` answers ``on`` whatever the tensor: the torch fast path on
-    CUDA (benchmarks), or the kernels on CPU tensors under ``TRITON_INTERPRET=1`` (tests)."""
-    global _forced
-    before, _forced = _forced, on
-    try:
-        yield
-    finally:
-        _forced = before
