@@ -101,9 +101,13 @@ static void ds_forward(int D, float *restrict M, const float *restrict q, const 
 }
 
 /* Backward of ds_forward. On entry M is the written matrix and gM the gradient w.r.t. it from
- * later steps; both are rewound in place (to the matrix read and the gradient w.r.t. it). g is
- * the gradient w.r.t. y. Writes gq, gk, gv (gq is accumulated into when accumulate_q is set)
- * and returns the gradient w.r.t. β. */
+ * later steps; both are rewound in place (to the matrix read and the gradient w.r.t. it). gM may
+ * be NULL: no gradient from later steps and none wanted for the matrix read, which skips a
+ * pass over it. That holds under state_grad="none" for every step but the last (which gets the
+ * final state's gradient) and step 0 (which passes its gradient to the initial state); the
+ * callers' `through` says when gM is needed. g is the gradient w.r.t. y.
+ * Writes gq, gk, gv (gq is accumulated into when accumulate_q is set) and returns the gradient
+ * w.r.t. β. */
 static float ds_backward(int D, float *restrict M, float *restrict gM, const float *restrict g,
                          const float *restrict q, const float *restrict k, float beta,
                          const float *restrict u, const float *restrict diff, float *restrict gq,
@@ -112,28 +116,34 @@ static float ds_backward(int D, float *restrict M, float *restrict gM, const flo
     float qk = dot(D, q, k), gu_dot = dot(D, g, u);
     for (int j = 0; j < D; j++) gu[j] = qk * g[j];
     for (int i = 0; i < D; i++) {  /* G = gM + qᵀg: gu = k G, gk (write) = G uᵀ */
-        const float *row = gM + i * D;
         float ki = k[i], s = 0.f;
+        if (gM) {
+            const float *row = gM + i * D;
 #pragma omp simd reduction(+ : s)
-        for (int j = 0; j < D; j++) {
-            gu[j] += ki * row[j];
-            s += row[j] * u[j];
+            for (int j = 0; j < D; j++) {
+                gu[j] += ki * row[j];
+                s += row[j] * u[j];
+            }
         }
         gk[i] = s + q[i] * gu_dot;
     }
     for (int j = 0; j < D; j++) gv[j] = beta * gu[j];
     for (int i = 0; i < D; i++) {  /* rewind M, then gq = g M_newᵀ, gk −= gv M_oldᵀ */
-        float *row = M + i * D, *grow = gM + i * D;
-        float ki = k[i], qi = q[i], a = 0.f, b = 0.f;
+        float *row = M + i * D;
+        float ki = k[i], a = 0.f, b = 0.f;
 #pragma omp simd reduction(+ : a, b)
         for (int j = 0; j < D; j++) {
             row[j] -= ki * u[j];
             a += row[j] * g[j];
             b += row[j] * gv[j];
-            grow[j] += qi * g[j] - ki * gv[j];
         }
         gq[i] = (accumulate_q ? gq[i] : 0.f) + a + ki * gu_dot;
         gk[i] -= b;
+        if (gM) {  /* gM_old = G − kᵀ gv */
+            float *grow = gM + i * D, qi = q[i];
+#pragma omp simd
+            for (int j = 0; j < D; j++) grow[j] += qi * g[j] - ki * gv[j];
+        }
     }
     return dot(D, gu, diff);
 }
@@ -162,7 +172,8 @@ void rdn_forward(int T, int B, int H, int D, const float *X, const float *P, con
         for (int t = 0; t < T; t++) {
             const long row = ROW(t);
             if (keep[t * B + b] == 0.f) {
-                if (slot[t * B + b] >= 0) memcpy(erased + ((long)slot[t * B + b] * H + h) * D * D, W, sizeof W);
+                if (slot[t * B + b] >= 0)
+                    memcpy(erased + ((long)slot[t * B + b] * H + h) * D * D, W, sizeof W);
                 memset(W, 0, sizeof W);
                 memset(y, 0, sizeof y);
             }
@@ -213,7 +224,9 @@ void rdn_backward(int T, int B, int H, int D, int full, const float *P, const fl
             const float *q = sv, *k = sv + D, *u = sv + 2 * D, *diff = sv + 3 * D, beta = sv[4 * D];
             float *gx = gX + row * E;
             for (int j = 0; j < D; j++) g[j] = gy[j] + gY[row * D + j];
-            float gbeta = ds_backward(D, W, gW, g, q, k, beta, u, diff, gx, gx + D, gv, 0);
+            const int through = full || t == 0 || t == T - 1;
+            float gbeta = ds_backward(D, W, through ? gW : NULL, g, q, k, beta, u, diff, gx, gx + D,
+                                      gv, 0);
             softmax_backward(D, q, gx);
             softmax_backward(D, k, gx + D);
             memcpy(gx + 2 * D, gv, sizeof gv);
@@ -221,7 +234,8 @@ void rdn_backward(int T, int B, int H, int D, int full, const float *P, const fl
             const float *s = Sx + row * D;
             const float pass = (full || t == 0) ? a : 0.f;
             for (int i = 0; i < D; i++) gy[i] = dot(E, Ph + i * E, gx) * (1.f - s[i] * s[i]) * pass;
-            if (a == 0.f && t > 0) memcpy(W, erased + ((long)slot[t * B + b] * H + h) * D * D, sizeof W);
+            if (a == 0.f && t > 0)
+                memcpy(W, erased + ((long)slot[t * B + b] * H + h) * D * D, sizeof W);
             scale(D * D, gW, pass);
         }
         memcpy(gW0 + (long)n * D * D, gW, sizeof gW);
@@ -294,10 +308,12 @@ void delta_rnn_backward(int T, int B, int H, int D, int full, const float *q, co
             const float a = keep[t * B + b], *sv = saved + row * S;
             const float pass = (full || t == 0) ? a : 0.f;
             for (int j = 0; j < D; j++) g[j] = gy[j] + gY[off + j];
-            gbeta[row] = ds_backward(D, W, gW, g, q + off, k + off, beta[row], sv, sv + D,
-                                     gq + off, gk + off, gv + off, 0);
-            grbeta[row] = ds_backward(D, R, gR, g, sv + 2 * D, rk + off, rbeta[row], sv + 3 * D,
-                                      sv + 4 * D, gy, grk + off, grv + off, 0);
+            const int through = full || t == 0 || t == T - 1;
+            gbeta[row] = ds_backward(D, W, through ? gW : NULL, g, q + off, k + off, beta[row], sv,
+                                     sv + D, gq + off, gk + off, gv + off, 0);
+            grbeta[row] = ds_backward(D, R, through ? gR : NULL, g, sv + 2 * D, rk + off,
+                                      rbeta[row], sv + 3 * D, sv + 4 * D, gy, grk + off,
+                                      grv + off, 0);
             softmax_backward(D, sv + 2 * D, gy);
             scale(D, gy, pass);
             if (a == 0.f && t > 0) {
@@ -410,15 +426,17 @@ void delta_lstm_backward(int T, int B, int H, int D, int full, const float *q, c
                 gpre[2 * D + j] = ght * c[j] * og[j] * (1.f - og[j]);
                 gc[j] = gct * (1.f - ig[j]) * pass;
             }
+            const int through = full || t == 0 || t == T - 1;
             for (int gi = 0; gi < 3; gi++) {
                 const long off = (row * 3 + gi) * D, col = row * 3 + gi;
-                float *Wg = W + gi * D * D, *Rg = R + gi * D * D, *g = gpre + gi * D;
-                gbeta[col] = ds_backward(D, Wg, gW + gi * D * D, g, q + off, k + off, beta[col],
-                                         sv + gi * D, sv + 3 * D + gi * D, gq + off, gk + off,
-                                         gv + off, 0);
-                grbeta[col] = ds_backward(D, Rg, gR + gi * D * D, g, sh, rk + off, rbeta[col],
-                                          sv + 6 * D + gi * D, sv + 9 * D + gi * D, gh,
-                                          grk + off, grv + off, gi > 0);
+                const int m = gi * D * D;
+                float *g = gpre + gi * D;
+                gbeta[col] = ds_backward(D, W + m, through ? gW + m : NULL, g, q + off, k + off,
+                                         beta[col], sv + gi * D, sv + 3 * D + gi * D, gq + off,
+                                         gk + off, gv + off, 0);
+                grbeta[col] = ds_backward(D, R + m, through ? gR + m : NULL, g, sh, rk + off,
+                                          rbeta[col], sv + 6 * D + gi * D, sv + 9 * D + gi * D,
+                                          gh, grk + off, grv + off, gi > 0);
             }
             softmax_backward(D, sh, gh);
             scale(D, gh, pass);
