@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from agents.cores import cpu_kernels, make_core, triton_kernels
 from agents.cores import fast_weights as fw
-from agents.cores import make_core, triton_kernels
 from tests.test_fast_weights_recurrent import make_case, resets
 
 pytest.importorskip("triton", reason="triton is not installed (optional; used on CUDA only)")
@@ -236,12 +236,17 @@ def test_kernels_compile_for_sm90(name):
 
 @pytest.mark.parametrize("name", list(ARG_NAMES))
 def test_impl_fast_dispatch(name):
-    """CPU tensors keep the CPU fast path; CUDA tensors (when present) take the kernels."""
+    """CPU tensors keep the CPU fast path (the C kernels where built, else torch); CUDA
+    tensors (when present) take the Triton kernels."""
     inputs, state = make_inputs(name, 3, 2, 2, 16, seed=0)
     fn = getattr(fw, name)
     y, _ = call(fn, name, inputs, resets(3, 2), tuple(state), "full")
     assert f"{FUNCTIONS[name]}TritonBackward" not in graph_node_names(y)
     if name in SEQUENTIAL:
+        cpu = "Cpu" if cpu_kernels.library() is not None else "Fast"
+        assert type(y.grad_fn).__name__ == f"{FUNCTIONS[name]}{cpu}Backward"
+        with cpu_kernels.forced(False):
+            y, _ = call(fn, name, inputs, resets(3, 2), tuple(state), "full")
         assert type(y.grad_fn).__name__ == f"{FUNCTIONS[name]}FastBackward"
     if CUDA:
         cuda = [x.detach().cuda().requires_grad_() for x in (*inputs, *state)]

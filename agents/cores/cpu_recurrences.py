@@ -50,7 +50,7 @@ def _c(*tensors: Tensor) -> list[Tensor]:
     return [t.contiguous() for t in tensors]
 
 
-class _RDN(torch.autograd.Function):
+class _RDNCpu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state_grad, train, done, qx, kx, vx, bx, Rq, Rk, Rv, rb, W0, y0):
         T, B, H, d = qx.shape
@@ -90,7 +90,7 @@ class _RDN(torch.autograd.Function):
         )  # fmt: skip
 
 
-class _DeltaRNN(torch.autograd.Function):
+class _DeltaRNNCpu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state_grad, train, done, q, k, v, beta, rk, rv, rbeta, W0, R0, y0):
         T, B, H, d = q.shape
@@ -124,7 +124,7 @@ class _DeltaRNN(torch.autograd.Function):
         return None, None, None, *grads, *g_state
 
 
-class _DeltaLSTM(torch.autograd.Function):
+class _DeltaLSTMCpu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state_grad, train, done, q, k, v, beta, rk, rv, rbeta, W0, R0, h0, c0):
         T, B, H, _, d = q.shape
@@ -167,7 +167,7 @@ def rdn(
 ) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
     """``recurrent_fast_weights.rdn`` (same arguments, already checked) on the C kernels."""
     args = (qx, kx, vx, bx, Rq, Rk, Rv, rb, *state)
-    y, W, y_last = _RDN.apply(state_grad, _training(*args), done, *args)
+    y, W, y_last = _RDNCpu.apply(state_grad, _training(*args), done, *args)
     return y, (W, y_last)
 
 
@@ -177,7 +177,7 @@ def delta_rnn(
 ) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
     """``recurrent_fast_weights.delta_rnn`` (same arguments, already checked) on the C kernels."""
     args = (q, k, v, beta, rk, rv, rbeta, *state)
-    y, *final = _DeltaRNN.apply(state_grad, _training(*args), done, *args)
+    y, *final = _DeltaRNNCpu.apply(state_grad, _training(*args), done, *args)
     return y, tuple(final)
 
 
@@ -187,5 +187,5 @@ def delta_lstm(
 ) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
     """``recurrent_fast_weights.delta_lstm`` (same arguments, already checked) on the C kernels."""
     args = (q, k, v, beta, rk, rv, rbeta, *state)
-    y, W, R, h, c = _DeltaLSTM.apply(state_grad, _training(*args), done, *args)
+    y, W, R, h, c = _DeltaLSTMCpu.apply(state_grad, _training(*args), done, *args)
     return y, (W, R, h, c)
