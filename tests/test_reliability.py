@@ -388,8 +388,9 @@ def test_signal_at_startup_or_during_a_save_exits_cleanly(tmp_path, signum, mome
         assert_no_orphans(children)
     saved = checkpoints(run)
     assert saved and not temp_files(run)
-    if in_flight is None:  # stopped before the actors delivered anything
-        assert [step_of(p) for p in saved] == [0]
+    if in_flight is None:  # stopped at startup: one final checkpoint, at most a batch or two in
+        # (whether the first rollouts arrive before the signal is handled is a race)
+        assert len(saved) == 1 and step_of(saved[0]) <= 2 * 5 * 4  # two batches of T=5 × B=4
     else:  # the save under way completed, then the final one
         assert step_of(saved[-1]) >= int(TMP_RE.match(in_flight.name)[1])
     load_checkpoint(saved[-1])
