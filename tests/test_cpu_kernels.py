@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import warnings
 
 import pytest
@@ -34,11 +35,26 @@ def test_kernels_build_once_and_are_reused(fresh_library):
         assert cpu_kernels.library() is not None
     built = list((fresh_library / "deltabeast").glob("fwp_cpu-*.so"))
     assert len(built) == 1
-    stamp = built[0].stat().st_mtime_ns
-    assert cpu_kernels._build() == built[0] and built[0].stat().st_mtime_ns == stamp
+    inode = built[0].stat().st_ino  # a rebuild would land a new file by rename
+    assert cpu_kernels._build() == built[0] and built[0].stat().st_ino == inode
     assert cpu_kernels.usable(torch.zeros(1))
     assert not cpu_kernels.usable(torch.zeros(1, dtype=torch.float64))
     assert not cpu_kernels.usable(torch.zeros(1, cpu_kernels.MAX_HEAD_DIM + 1))
+
+
+@pytest.mark.skipif(COMPILER is None, reason="no C compiler")
+def test_a_new_build_removes_builds_unused_for_a_month(fresh_library):
+    cache = fresh_library / "deltabeast"
+    cache.mkdir()
+    stale, recent = cache / "fwp_cpu-stale.so", cache / "fwp_cpu-recent.so"
+    for path, age_days in ((stale, 31), (recent, 29)):
+        path.write_bytes(b"old build")
+        then = time.time() - age_days * 24 * 3600
+        os.utime(path, (then, then))
+    current = cpu_kernels._build()
+    assert current.exists() and recent.exists() and not stale.exists()
+    os.utime(current, (0, 0))  # loading a build marks it as used
+    assert cpu_kernels._build() == current and current.stat().st_mtime > time.time() - 60
 
 
 def test_without_a_compiler_the_torch_path_serves_after_one_warning(fresh_library, monkeypatch):

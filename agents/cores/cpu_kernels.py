@@ -3,7 +3,8 @@
 The source is compiled once per machine with the system C compiler (``$CC``, default ``cc``;
 ``-O3 -march=native -fopenmp``) into ``$XDG_CACHE_HOME/deltabeast`` (default ``~/.cache``),
 under a name that hashes the source, the flags, the compiler and the CPU, so an edit, another
-compiler or another machine never loads a stale build. No torch headers are involved, so the
+compiler or another machine never loads a stale build; a new build removes those not loaded
+for a month. No torch headers are involved, so the
 build takes about a second. Where it cannot be built (no compiler) or is switched off with
 ``DELTABEAST_CPU_KERNELS=0``, ``usable`` says no after one warning and the torch fast paths serve.
 """
@@ -19,6 +20,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -32,6 +34,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 SWITCH = "DELTABEAST_CPU_KERNELS"
 CORES = ("rdn", "delta_rnn", "delta_lstm")  # the cores whose recurrences the kernels serve
 MAX_HEAD_DIM = 128  # a program's matrices live on its thread's stack (delta_lstm: 12 d×d floats)
+STALE_S = 30 * 24 * 3600  # a new build removes builds unused for this long (old sources)
 _override = Override()
 # Inside ``with forced(on):`` usable answers ``on``: the tests and benchmarks use it to run the
 # torch fast paths on a machine where the kernels are built.
@@ -64,6 +67,7 @@ def _build() -> Path:
     ).hexdigest()[:16]
     target = _cache_dir() / f"fwp_cpu-{key}.so"
     if target.exists():
+        os.utime(target)  # in use: _prune_stale leaves it alone
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Concurrent first uses (actor processes) each build their own file; the rename is atomic.
@@ -83,7 +87,18 @@ def _build() -> Path:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+    _prune_stale(target)
     return target
+
+
+def _prune_stale(keep: Path) -> None:
+    """Remove the builds (of earlier sources, say) that nothing has loaded for STALE_S: every
+    edit of the C source leaves one behind. A process that has one mapped keeps its copy."""
+    cutoff = time.time() - STALE_S
+    for old in keep.parent.glob("fwp_cpu-*.so"):
+        with contextlib.suppress(OSError):  # another process may prune it at the same time
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 @functools.cache
