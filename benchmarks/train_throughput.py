@@ -129,8 +129,11 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.presets.split(","):
         path, preset_overrides = PRESETS[name]
-        for bf16 in [False, True] if args.bf16 else [False]:
-            overrides = [*preset_overrides, *args.overrides, f"agent.bf16={str(bf16).lower()}"]
+        # --bf16 measures both precisions; otherwise the preset's (or an override's) stands
+        for bf16 in ["false", "true"] if args.bf16 else [None]:
+            overrides = [*preset_overrides, *args.overrides]
+            if bf16:
+                overrides.append(f"agent.bf16={bf16}")
             if args.backend:
                 overrides.append(f"runtime.backend={args.backend}")
             if args.inference:
@@ -142,7 +145,7 @@ def main() -> None:
                 preset=name,
                 torso=cfg.agent.torso,
                 core=cfg.agent.core,
-                bf16=bf16,
+                bf16=cfg.agent.bf16,
                 backend=cfg.runtime.backend,
                 inference=cfg.runtime.inference,
                 num_actors=cfg.runtime.num_actors,

@@ -95,6 +95,26 @@ def learner_threads(cfg: Config) -> int:
     return max(1, (os.cpu_count() or 1) - processes * cfg.runtime.actor_threads)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: where bf16 matmuls run natively (elsewhere oneDNN emulates them)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def bf16_warning(cfg: Config) -> str | None:
+    """A warning when bf16 autocast is asked for on a CPU that would only emulate it: the
+    actors always act on the CPU, so they would run slower than in float32."""
+    asked = [
+        key for key, on in (("agent.bf16", cfg.agent.bf16), ("core.bf16", cfg.core.bf16)) if on
+    ]
+    if not asked or cpu_has_native_bf16():
+        return None
+    return (
+        f"{' and '.join(asked)} set, but this CPU has no native bf16 (AVX512-BF16 or AMX): "
+        f"autocast will be emulated and likely slower than float32; set {asked[0]}=false"
+    )
+
+
 def make_backend(cfg: Config, info, spec, agent):
     if cfg.runtime.backend == "sync":
         return SyncBackend(cfg, info, spec, agent)
@@ -260,6 +280,8 @@ class Trainer:
             cfg.runtime.backend,
             self.device,
         )
+        if warning := bf16_warning(cfg):
+            log.warning(warning)
         metrics = MetricsLogger(
             self.run_dir, cfg.logging.tensorboard, purge_step=self.learner.steps or None
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runners import trainer
 from runners.config import (
     CONFIG_DIR,
     ConfigError,
@@ -138,3 +139,17 @@ def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
 def test_core_bf16_reaches_fwp_cores_only():
     assert core_kwargs(build_config(None, ["core.bf16=true"]))["bf16"] is True
     assert "bf16" not in core_kwargs(build_config(None, ["core.bf16=true", "agent.core=lstm"]))
+
+
+def test_bf16_on_a_cpu_without_native_bf16_gets_a_warning(monkeypatch):
+    cfg = build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=true"])
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    assert trainer.bf16_warning(cfg) is None
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    assert "agent.bf16" in trainer.bf16_warning(cfg) and "agent.bf16=false" in trainer.bf16_warning(
+        cfg
+    )
+    assert (
+        trainer.bf16_warning(build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=false"]))
+        is None
+    )
