@@ -142,14 +142,11 @@ def test_core_bf16_reaches_fwp_cores_only():
 
 
 def test_bf16_on_a_cpu_without_native_bf16_gets_a_warning(monkeypatch):
-    cfg = build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=true"])
+    asked = build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=true"])
+    not_asked = build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=false"])
     monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
-    assert trainer.bf16_warning(cfg) is None
+    assert trainer.bf16_warning(asked) is None
     monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
-    assert "agent.bf16" in trainer.bf16_warning(cfg) and "agent.bf16=false" in trainer.bf16_warning(
-        cfg
-    )
-    assert (
-        trainer.bf16_warning(build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=false"]))
-        is None
-    )
+    warning = trainer.bf16_warning(asked)
+    assert "agent.bf16 set" in warning and "set agent.bf16=false" in warning
+    assert trainer.bf16_warning(not_asked) is None

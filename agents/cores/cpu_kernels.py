@@ -4,9 +4,9 @@ The source is compiled once per machine with the system C compiler (``$CC``, def
 ``-O3 -march=native -fopenmp``) into ``$XDG_CACHE_HOME/deltabeast`` (default ``~/.cache``),
 under a name that hashes the source, the flags, the compiler and the CPU, so an edit, another
 compiler or another machine never loads a stale build; a new build removes those not loaded
-for a month. No torch headers are involved, so the
-build takes about a second. Where it cannot be built (no compiler) or is switched off with
-``DELTABEAST_CPU_KERNELS=0``, ``usable`` says no after one warning and the torch fast paths serve.
+for a month. No torch headers are involved, so the build takes about a second. Where it
+cannot be built (no compiler) or is switched off with ``DELTABEAST_CPU_KERNELS=0``, ``usable``
+says no after one warning and the torch fast paths serve.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def _build() -> Path:
     ).hexdigest()[:16]
     target = _cache_dir() / f"fwp_cpu-{key}.so"
     if target.exists():
-        os.utime(target)  # in use: _prune_stale leaves it alone
+        with contextlib.suppress(OSError):  # a read-only cache still serves
+            os.utime(target)  # in use: _prune_stale leaves it alone
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Concurrent first uses (actor processes) each build their own file; the rename is atomic.
