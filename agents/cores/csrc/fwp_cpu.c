@@ -100,19 +100,21 @@ static void ds_forward(int D, float *restrict M, const float *restrict q, const 
     }
 }
 
-/* Backward of ds_forward. On entry M is the written matrix and gM the gradient w.r.t. it from
- * later steps; both are rewound in place (to the matrix read and the gradient w.r.t. it). gM may
- * be NULL: no gradient from later steps and none wanted for the matrix read, which skips a
- * pass over it. That holds under state_grad="none" for every step but the last (which gets the
- * final state's gradient) and step 0 (which passes its gradient to the initial state); the
- * callers' `through` says when gM is needed. g is the gradient w.r.t. y.
+/* Backward of ds_forward. On entry Mt is the transpose of the written matrix (the backward keeps
+ * its fast weights transposed, so that the products M gᵀ below run as vector updates along Mt's
+ * contiguous rows instead of one horizontal sum per row) and gM the gradient w.r.t. the written
+ * matrix from later steps; both are rewound in place (to the matrix read and the gradient w.r.t.
+ * it). gM may be NULL: no gradient from later steps and none wanted for the matrix read, which
+ * skips a pass over it. That holds under state_grad="none" for every step but the last (which
+ * gets the final state's gradient) and step 0 (which passes its gradient to the initial state);
+ * the callers' `through` says when gM is needed. g is the gradient w.r.t. y.
  * Writes gq, gk, gv (gq is accumulated into when accumulate_q is set) and returns the gradient
  * w.r.t. β. */
-static float ds_backward(int D, float *restrict M, float *restrict gM, const float *restrict g,
+static float ds_backward(int D, float *restrict Mt, float *restrict gM, const float *restrict g,
                          const float *restrict q, const float *restrict k, float beta,
                          const float *restrict u, const float *restrict diff, float *restrict gq,
                          float *restrict gk, float *restrict gv, int accumulate_q) {
-    float gu[D];
+    float gu[D], a[D], b[D];
     float qk = dot(D, q, k), gu_dot = dot(D, g, u);
     for (int j = 0; j < D; j++) gu[j] = qk * g[j];
     for (int i = 0; i < D; i++) {  /* G = gM + qᵀg: gu = k G, gk (write) = G uᵀ */
@@ -127,25 +129,37 @@ static float ds_backward(int D, float *restrict M, float *restrict gM, const flo
         }
         gk[i] = s + q[i] * gu_dot;
     }
-    for (int j = 0; j < D; j++) gv[j] = beta * gu[j];
-    for (int i = 0; i < D; i++) {  /* rewind M, then gq = g M_newᵀ, gk −= gv M_oldᵀ */
-        float *row = M + i * D;
-        float ki = k[i], a = 0.f, b = 0.f;
-#pragma omp simd reduction(+ : a, b)
-        for (int j = 0; j < D; j++) {
-            row[j] -= ki * u[j];
-            a += row[j] * g[j];
-            b += row[j] * gv[j];
+    for (int j = 0; j < D; j++) {
+        gv[j] = beta * gu[j];
+        a[j] = b[j] = 0.f;
+    }
+    for (int j = 0; j < D; j++) {  /* rewind M −= kᵀu, then a = g M_oldᵀ, b = gv M_oldᵀ */
+        float *col = Mt + j * D, uj = u[j], gj = g[j], gvj = gv[j];
+#pragma omp simd
+        for (int i = 0; i < D; i++) {
+            col[i] -= k[i] * uj;
+            a[i] += col[i] * gj;
+            b[i] += col[i] * gvj;
         }
-        gq[i] = (accumulate_q ? gq[i] : 0.f) + a + ki * gu_dot;
-        gk[i] -= b;
-        if (gM) {  /* gM_old = G − kᵀ gv */
-            float *grow = gM + i * D, qi = q[i];
+    }
+    for (int i = 0; i < D; i++) {  /* gq = g M_newᵀ = a + (g·u) k; gk −= gv M_oldᵀ */
+        gq[i] = (accumulate_q ? gq[i] : 0.f) + a[i] + k[i] * gu_dot;
+        gk[i] -= b[i];
+    }
+    if (gM)  /* gM_old = G − kᵀ gv */
+        for (int i = 0; i < D; i++) {
+            float *grow = gM + i * D, qi = q[i], ki = k[i];
 #pragma omp simd
             for (int j = 0; j < D; j++) grow[j] += qi * g[j] - ki * gv[j];
         }
-    }
     return dot(D, gu, diff);
+}
+
+/* dst = the transposes of `count` consecutive D×D matrices of src (see ds_backward). */
+static void load_transposed(int D, int count, float *restrict dst, const float *restrict src) {
+    for (int m = 0; m < count; m++, dst += D * D, src += D * D)
+        for (int i = 0; i < D; i++)
+            for (int j = 0; j < D; j++) dst[j * D + i] = src[i * D + j];
 }
 
 static void scale(long count, float *x, float a) {
@@ -215,7 +229,7 @@ void rdn_backward(int T, int B, int H, int D, int full, const float *P, const fl
         const int b = n / H, h = n % H;
         const float *Ph = P + (long)h * D * E;
         float W[D * D], gW[D * D], gy[D], g[D], gv[D];
-        memcpy(W, W_last + (long)n * D * D, sizeof W);
+        load_transposed(D, 1, W, W_last + (long)n * D * D);
         memcpy(gW, gW_last + (long)n * D * D, sizeof gW);
         memcpy(gy, gy_last + (long)n * D, sizeof gy);
         for (int t = T - 1; t >= 0; t--) {
@@ -235,7 +249,7 @@ void rdn_backward(int T, int B, int H, int D, int full, const float *P, const fl
             const float pass = (full || t == 0) ? a : 0.f;
             for (int i = 0; i < D; i++) gy[i] = dot(E, Ph + i * E, gx) * (1.f - s[i] * s[i]) * pass;
             if (a == 0.f && t > 0)
-                memcpy(W, erased + ((long)slot[t * B + b] * H + h) * D * D, sizeof W);
+                load_transposed(D, 1, W, erased + ((long)slot[t * B + b] * H + h) * D * D);
             scale(D * D, gW, pass);
         }
         memcpy(gW0 + (long)n * D * D, gW, sizeof gW);
@@ -298,8 +312,8 @@ void delta_rnn_backward(int T, int B, int H, int D, int full, const float *q, co
     for (int n = 0; n < B * H; n++) {
         const int b = n / H, h = n % H;
         float W[D * D], R[D * D], gW[D * D], gR[D * D], gy[D], g[D];
-        memcpy(W, W_last + (long)n * D * D, sizeof W);
-        memcpy(R, R_last + (long)n * D * D, sizeof R);
+        load_transposed(D, 1, W, W_last + (long)n * D * D);
+        load_transposed(D, 1, R, R_last + (long)n * D * D);
         memcpy(gW, gW_last + (long)n * D * D, sizeof gW);
         memcpy(gR, gR_last + (long)n * D * D, sizeof gR);
         memcpy(gy, gy_last + (long)n * D, sizeof gy);
@@ -318,8 +332,8 @@ void delta_rnn_backward(int T, int B, int H, int D, int full, const float *q, co
             scale(D, gy, pass);
             if (a == 0.f && t > 0) {
                 const float *e = erased + ((long)slot[t * B + b] * H + h) * 2 * D * D;
-                memcpy(W, e, sizeof W);
-                memcpy(R, e + D * D, sizeof R);
+                load_transposed(D, 1, W, e);
+                load_transposed(D, 1, R, e + D * D);
             }
             scale(D * D, gW, pass);
             scale(D * D, gR, pass);
@@ -407,8 +421,8 @@ void delta_lstm_backward(int T, int B, int H, int D, int full, const float *q, c
     for (int n = 0; n < B * H; n++) {
         const int b = n / H, h = n % H;
         float W[G], R[G], gW[G], gR[G], gh[D], gc[D], gpre[3 * D];
-        memcpy(W, W_last + (long)n * G, sizeof W);
-        memcpy(R, R_last + (long)n * G, sizeof R);
+        load_transposed(D, 3, W, W_last + (long)n * G);
+        load_transposed(D, 3, R, R_last + (long)n * G);
         memcpy(gW, gW_last + (long)n * G, sizeof gW);
         memcpy(gR, gR_last + (long)n * G, sizeof gR);
         memcpy(gh, gh_last + (long)n * D, sizeof gh);
@@ -442,8 +456,8 @@ void delta_lstm_backward(int T, int B, int H, int D, int full, const float *q, c
             scale(D, gh, pass);
             if (a == 0.f && t > 0) {
                 const float *e = erased + ((long)slot[t * B + b] * H + h) * 2 * G;
-                memcpy(W, e, sizeof W);
-                memcpy(R, e + G, sizeof R);
+                load_transposed(D, 3, W, e);
+                load_transposed(D, 3, R, e + G);
             }
             scale(G, gW, pass);
             scale(G, gR, pass);
