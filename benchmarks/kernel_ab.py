@@ -1,104 +1,93 @@
-"""A/B timing of the fused C kernels: a git revision's build against the working tree's.
+"""A/B timing of the sequential cores: a git revision's code against the working tree's.
 
-Builds ``agents/cores/csrc/fwp_cpu.c`` as of ``--base`` (default HEAD) and as it is now, then
-times fwd+bwd of each sequential recurrence alone and of its whole core (T=50, B=32, paper
-sizes) with one build and then the other, alternating the order every repeat, so both see the
-same machine state. Prints one JSON object per measurement with both medians and the speed-up.
+Exports ``--base`` (default HEAD) into a temporary folder, then times fwd+bwd of each sequential
+recurrence alone and of its whole core (T=50, B=32, paper sizes) in child processes that import
+one tree or the other (each builds its own C kernels), alternating the order block by block so
+both see the same machine state. Any change to the cores' code can be compared this way, the
+kernels' calling convention included. Prints one JSON object per measurement with both medians
+and the speed-up.
 
-    python benchmarks/kernel_ab.py --base HEAD~1 --threads 1,2 --repeats 30
+    python benchmarks/kernel_ab.py --base HEAD~1 --threads 1,2 --blocks 4 --repeats 10
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
-
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agents.cores import cpu_kernels, make_core  # noqa: E402
-from agents.cores import fast_weights as fw  # noqa: E402
-from benchmarks.core_speed import (  # noqa: E402
-    INPUT,
-    SEQUENTIAL,
-    B,
-    T,
-    episode_starts,
-    recurrence_inputs,
-    train_step,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
+SEQUENTIAL = ("delta_rnn", "rdn", "delta_lstm")
 
-
-def build(source: str, out_dir: Path, tag: str) -> ctypes.CDLL:
-    """Compile C source text with the flags the project uses and load it."""
-    src, lib = out_dir / f"{tag}.c", out_dir / f"{tag}.so"
-    src.write_text(source)
-    cc = [*("cc", *cpu_kernels.FLAGS), str(src), "-o", str(lib), "-lm"]
-    subprocess.run(cc, check=True, timeout=120)
-    return ctypes.CDLL(str(lib))
-
-
-def ab_medians(step: Callable[[], None], libs: dict[str, ctypes.CDLL], repeats: int) -> dict:
-    """Median ms of ``step`` under each build, interleaved (one warm-up call before each)."""
-    times: dict[str, list[float]] = {tag: [] for tag in libs}
-    for r in range(repeats):
-        for tag in list(libs) if r % 2 == 0 else list(libs)[::-1]:
-            with mock.patch.object(cpu_kernels, "library", lambda lib=libs[tag]: lib):
-                step()
-                start = time.perf_counter()
-                step()
-                times[tag].append((time.perf_counter() - start) * 1e3)
-    return {f"{tag}_ms": round(statistics.median(v), 3) for tag, v in times.items()}
-
-
-def recurrence_step(name: str) -> Callable[[], None]:
+# Runs in a child whose working directory is the tree under test; prints the times in ms.
+CHILD = """
+import json, sys, time
+import torch
+from agents.cores import fast_weights as fw, make_core
+from benchmarks.core_speed import B, INPUT, T, episode_starts, recurrence_inputs, train_step
+what, name, threads, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+done = episode_starts(T, B)
+if what == "core":
+    step = train_step(make_core(name, INPUT), torch.randn(T, B, INPUT), done)
+else:
     inputs, state = recurrence_inputs(name)
-    done, fn = episode_starts(T, B), getattr(fw, name)
-
-    def step() -> None:
-        y, _ = fn(*inputs, done, state, impl="fast")
+    def step():
+        y, _ = getattr(fw, name)(*inputs, done, state, impl="fast")
         torch.autograd.grad(y.sum(), inputs)
+for _ in range(3):
+    step()
+times = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append((time.perf_counter() - start) * 1e3)
+print(json.dumps(times))
+"""
 
-    return step
+
+def export(revision: str, into: Path) -> Path:
+    """The tree of ``revision`` written under ``into`` (no git worktree is registered)."""
+    archive = into / "base.tar"
+    subprocess.run(
+        ["git", "archive", "--format=tar", "-o", str(archive), revision], cwd=ROOT, check=True
+    )
+    tree = into / "base"
+    with tarfile.open(archive) as tar:
+        tar.extractall(tree, filter="data")
+    return tree
+
+
+def child_times(tree: Path, what: str, name: str, threads: int, repeats: int) -> list[float]:
+    args = [sys.executable, "-c", CHILD, what, name, str(threads), str(repeats)]
+    out = subprocess.run(args, cwd=tree, capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="HEAD", help="git revision of the base build")
+    parser.add_argument("--base", default="HEAD", help="git revision of the base code")
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--blocks", type=int, default=4, help="alternations of the two trees")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per block")
     args = parser.parse_args()
-    rel = cpu_kernels.SOURCE.relative_to(ROOT)
-    base_source = subprocess.run(
-        ["git", "show", f"{args.base}:{rel}"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {
-            "base": build(base_source, Path(tmp), "base"),
-            "head": build(cpu_kernels.SOURCE.read_text(), Path(tmp), "head"),
-        }
-        x, done = torch.randn(T, B, INPUT), episode_starts(T, B)
+        trees = {"base": export(args.base, Path(tmp)), "head": ROOT}
         for threads in (int(n) for n in args.threads.split(",")):
-            torch.set_num_threads(threads)
             for name in SEQUENTIAL:
-                torch.manual_seed(0)
-                for what, step in (
-                    ("recurrence", recurrence_step(name)),
-                    ("core", train_step(make_core(name, INPUT), x, done)),
-                ):
-                    ms = ab_medians(step, libs, args.repeats)
+                for what in ("recurrence", "core"):
+                    times: dict[str, list[float]] = {tag: [] for tag in trees}
+                    for block in range(args.blocks):
+                        order = list(trees) if block % 2 == 0 else list(trees)[::-1]
+                        for tag in order:
+                            times[tag] += child_times(trees[tag], what, name, threads, args.repeats)
+                    ms = {f"{tag}_ms": round(statistics.median(v), 3) for tag, v in times.items()}
                     speedup = round(ms["base_ms"] / ms["head_ms"], 3)
                     record = {"what": what, "core": name, "threads": threads, "base": args.base}
                     print(json.dumps({**record, **ms, "speedup": speedup}), flush=True)

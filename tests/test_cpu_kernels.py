@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from agents.cores import cpu_kernels
+from agents.cores import cpu_kernels, make_core
 from tests.test_fast_weights_recurrent import NAMES, flat_outputs, make_case, resets, run
 
 COMPILER = shutil.which(os.environ.get("CC", "cc"))
@@ -117,3 +117,30 @@ def test_inference_and_thread_count_give_the_same_numbers(name):
         torch.set_num_threads(threads)
     for a, b in zip(flat_outputs(y, final), flat_outputs(y1, final1), strict=True):
         assert torch.equal(a, b)
+
+
+@needs_kernels
+@pytest.mark.parametrize("state_grad", ["full", "none"])
+@pytest.mark.parametrize("name", ["delta_rnn", "delta_lstm"])
+def test_layer_reading_its_projection_matches_the_torch_path(name, state_grad):
+    # These layers hand their raw slow projection to the kernel, which applies the activations
+    # itself and returns the projection's gradient; with the kernels off the same core takes
+    # torch's activations and recurrence. Resets inside, a non-zero initial state.
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, num_layers=2, num_heads=2, head_dim=16, ff_size=64)
+    core = make_core(name, 20, state_grad=state_grad, **sizes)
+    T, B = 12, 3
+    x = torch.randn(T, B, 20, requires_grad=True)
+    state = tuple((0.3 * torch.randn_like(s)).requires_grad_() for s in core.initial_state(B))
+    done = resets(T, B)
+    results = {}
+    for on in (True, False):
+        with cpu_kernels.forced(on):
+            y, final = core(x, done, state)
+        outs = [y, *final]
+        g = torch.Generator().manual_seed(1)
+        cotangents = [torch.randn(o.shape, generator=g) for o in outs]
+        leaves = [x, *state, *core.parameters()]
+        results[on] = [*outs, *torch.autograd.grad(outs, leaves, cotangents)]
+    for a, b in zip(results[True], results[False], strict=True):
+        assert (a - b).abs().max() <= 1e-5 * max(a.abs().max(), 1.0)

@@ -123,10 +123,11 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def usable(x: Tensor) -> bool:
-    """True when x, a recurrence input with the head dim last, is a float32 CPU tensor, its head
-    dim is at most MAX_HEAD_DIM and the kernels are built."""
+def usable(x: Tensor, head_dim: int | None = None) -> bool:
+    """True when x, a recurrence input, is a float32 CPU tensor, its head dim (``head_dim``, by
+    default x's last dim) is at most MAX_HEAD_DIM and the kernels are built."""
     if _override.value is not None:
         return _override.value
     cpu_f32 = x.device.type == "cpu" and x.dtype == torch.float32
-    return cpu_f32 and x.shape[-1] <= MAX_HEAD_DIM and library() is not None
+    d = x.shape[-1] if head_dim is None else head_dim
+    return cpu_f32 and d <= MAX_HEAD_DIM and library() is not None

@@ -5,6 +5,11 @@ tensors. Each forward and backward is one kernel call: a program per (batch elem
 the whole unroll with its fast weights in cache (see csrc/fwp_cpu.c). The forward saves only the
 per-step vectors the backward needs; the backward rewinds the fast weights from the final ones,
 restoring those a reset erased from a copy the forward kept.
+
+The delta_rnn and delta_lstm kernels read their inputs from a projection row [T,B,F] in place:
+``*_projected`` hands them a layer's raw slow projection, which they activate themselves
+(``PROJECTED``, used by agents/cores/fwp.py), and the functions with activated inputs lay those
+out as such a row.
 """
 
 from __future__ import annotations
@@ -92,73 +97,81 @@ class _RDNCpu(torch.autograd.Function):
 
 class _DeltaRNNCpu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, state_grad, train, done, q, k, v, beta, rk, rv, rbeta, W0, R0, y0):
-        T, B, H, d = q.shape
-        inputs = _c(q, k, v, beta, rk, rv, rbeta)
+    def forward(ctx, state_grad, train, activate, num_heads, done, P, W0, R0, y0):
+        T, B, _ = P.shape
+        H, d = num_heads, W0.shape[-1]
         keep, slot, n_slots = _resets(done)
-        W0, R0, y0 = _c(W0, R0, y0)
-        Y = q.new_empty(T, B, H, d)
+        P, W0, R0, y0 = _c(P, W0, R0, y0)
+        Y = P.new_empty(T, B, H, d)
         W_last, R_last = torch.empty_like(W0), torch.empty_like(R0)
-        saved = q.new_empty(T, B, H, 5 * d) if train else None
-        erased = q.new_empty(n_slots, H, 2, d, d)
+        saved = P.new_empty(T, B, H, 8 * d + 2) if train else None
+        erased = P.new_empty(n_slots, H, 2, d, d)
         _call(
-            "delta_rnn_forward", T, B, H, d, *inputs, keep, W0, R0, y0, Y, W_last, R_last,
-            saved, slot, erased,
+            "delta_rnn_forward", T, B, H, d, int(activate), P, keep, W0, R0, y0, Y, W_last,
+            R_last, saved, slot, erased,
         )  # fmt: skip
         if train:
-            ctx.state_grad = state_grad
-            q, k, _, beta, rk, _, rbeta = inputs
-            ctx.save_for_backward(q, k, beta, rk, rbeta, keep, W_last, R_last, saved, slot, erased)
+            ctx.state_grad, ctx.activate = state_grad, activate
+            ctx.save_for_backward(keep, W_last, R_last, saved, slot, erased)
         return Y, W_last, R_last, Y[T - 1].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY, gW_last, gR_last, gy_last):
-        q, k, beta, rk, rbeta, *rest = ctx.saved_tensors
-        grads = [torch.empty_like(x) for x in (q, k, q, beta, rk, q, rbeta)]
+        keep, W_last, R_last, saved, slot, erased = ctx.saved_tensors
+        T, B, H, _ = saved.shape
+        d = W_last.shape[-1]
+        gP = saved.new_empty(T, B, 5 * H * d + 2 * H)
         g_state = [torch.empty_like(x) for x in (gW_last, gR_last, gy_last)]
         _call(
-            "delta_rnn_backward", *q.shape, int(ctx.state_grad == "full"), q, k, beta, rk,
-            rbeta, *rest, *_c(gY, gW_last, gR_last, gy_last), *grads, *g_state,
+            "delta_rnn_backward", T, B, H, d, int(ctx.state_grad == "full"), int(ctx.activate),
+            keep, W_last, R_last, saved, slot, erased, *_c(gY, gW_last, gR_last, gy_last), gP,
+            *g_state,
         )  # fmt: skip
-        return None, None, None, *grads, *g_state
+        return None, None, None, None, None, gP, *g_state
 
 
 class _DeltaLSTMCpu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, state_grad, train, done, q, k, v, beta, rk, rv, rbeta, W0, R0, h0, c0):
-        T, B, H, _, d = q.shape
-        inputs = _c(q, k, v, beta, rk, rv, rbeta)
+    def forward(ctx, state_grad, train, activate, num_heads, done, P, W0, R0, h0, c0):
+        T, B, _ = P.shape
+        H, d = num_heads, W0.shape[-1]
         keep, slot, n_slots = _resets(done)
-        W0, R0, h0, c0 = _c(W0, R0, h0, c0)
-        Y = q.new_empty(T, B, H, d)
+        P, W0, R0, h0, c0 = _c(P, W0, R0, h0, c0)
+        Y = P.new_empty(T, B, H, d)
         W_last, R_last, c_last = torch.empty_like(W0), torch.empty_like(R0), torch.empty_like(c0)
-        saved = q.new_empty(T, B, H, 17 * d) if train else None
-        erased = q.new_empty(n_slots, H, 2, 3, d, d)
+        saved = P.new_empty(T, B, H, 26 * d + 12) if train else None
+        erased = P.new_empty(n_slots, H, 2, 3, d, d)
         _call(
-            "delta_lstm_forward", T, B, H, d, *inputs, keep, W0, R0, h0, c0, Y, W_last, R_last,
-            c_last, saved, slot, erased,
+            "delta_lstm_forward", T, B, H, d, int(activate), P, keep, W0, R0, h0, c0, Y, W_last,
+            R_last, c_last, saved, slot, erased,
         )  # fmt: skip
         if train:
-            ctx.state_grad = state_grad
-            q, k, _, beta, rk, _, rbeta = inputs
-            ctx.save_for_backward(
-                q, k, beta, rk, rbeta, keep, c0, W_last, R_last, saved, slot, erased
-            )
+            ctx.state_grad, ctx.activate = state_grad, activate
+            ctx.save_for_backward(keep, c0, W_last, R_last, saved, slot, erased)
         return Y, W_last, R_last, Y[T - 1].clone(), c_last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY, gW_last, gR_last, gh_last, gc_last):
-        q, k, beta, rk, rbeta, *rest = ctx.saved_tensors
-        T, B, H, _, d = q.shape
-        grads = [torch.empty_like(x) for x in (q, k, q, beta, rk, q, rbeta)]
+        keep, c0, W_last, R_last, saved, slot, erased = ctx.saved_tensors
+        T, B, H, _ = saved.shape
+        d = W_last.shape[-1]
+        gP = saved.new_empty(T, B, 15 * H * d + 6 * H)
         g_state = [torch.empty_like(x) for x in (gW_last, gR_last, gh_last, gc_last)]
         _call(
-            "delta_lstm_backward", T, B, H, d, int(ctx.state_grad == "full"), q, k, beta, rk,
-            rbeta, *rest, *_c(gY, gW_last, gR_last, gh_last, gc_last), *grads, *g_state,
+            "delta_lstm_backward", T, B, H, d, int(ctx.state_grad == "full"), int(ctx.activate),
+            keep, c0, W_last, R_last, saved, slot, erased,
+            *_c(gY, gW_last, gR_last, gh_last, gc_last), gP, *g_state,
         )  # fmt: skip
-        return None, None, None, *grads, *g_state
+        return None, None, None, None, None, gP, *g_state
+
+
+def _projection(*fields: Tensor) -> Tensor:
+    """Activated per-head inputs [T,B,H,...] laid out as a projection row [T,B,F] (see
+    csrc/fwp_cpu.c): each field flattened head-major, one after the other."""
+    T, B = fields[0].shape[:2]
+    return torch.cat([x.reshape(T, B, -1) for x in fields], -1)
 
 
 def rdn(
@@ -176,8 +189,25 @@ def delta_rnn(
     done: Tensor, state: tuple[Tensor, ...], state_grad: str = "full",
 ) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
     """``recurrent_fast_weights.delta_rnn`` (same arguments, already checked) on the C kernels."""
-    args = (q, k, v, beta, rk, rv, rbeta, *state)
-    y, *final = _DeltaRNNCpu.apply(state_grad, _training(*args), done, *args)
+    P = _projection(q, k, v, beta, rk, rv, rbeta)
+    return delta_rnn_projected(P, q.shape[2], done, state, state_grad, activate=False)
+
+
+def delta_rnn_projected(
+    P: Tensor,
+    num_heads: int,
+    done: Tensor,
+    state: tuple[Tensor, ...],
+    state_grad: str = "full",
+    activate: bool = True,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The Delta RNN over a layer's raw slow projection P [T,B,5Hd+2H] (fields q, k, v, β,
+    r_k, r_v, r_β, head-major), read in place; with ``activate`` the kernel applies the
+    activations itself (softmax to q, k, r_k, sigmoid to β, r_β), sparing the torch ops, the
+    split copies and the gradient's concatenation around them. State and result as
+    ``recurrent_fast_weights.delta_rnn``."""
+    train = _training(P, *state)
+    y, *final = _DeltaRNNCpu.apply(state_grad, train, activate, num_heads, done, P, *state)
     return y, tuple(final)
 
 
@@ -186,6 +216,25 @@ def delta_lstm(
     done: Tensor, state: tuple[Tensor, ...], state_grad: str = "full",
 ) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
     """``recurrent_fast_weights.delta_lstm`` (same arguments, already checked) on the C kernels."""
-    args = (q, k, v, beta, rk, rv, rbeta, *state)
-    y, W, R, h, c = _DeltaLSTMCpu.apply(state_grad, _training(*args), done, *args)
+    P = _projection(q, k, v, beta, rk, rv, rbeta)
+    return delta_lstm_projected(P, q.shape[2], done, state, state_grad, activate=False)
+
+
+def delta_lstm_projected(
+    P: Tensor,
+    num_heads: int,
+    done: Tensor,
+    state: tuple[Tensor, ...],
+    state_grad: str = "full",
+    activate: bool = True,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The Delta LSTM over a layer's raw slow projection P [T,B,15Hd+6H] (the fields of
+    ``delta_rnn_projected``, each with the gate axis i, u, o inside its head), read in place and
+    activated by the kernel as there. State and result as ``recurrent_fast_weights.delta_lstm``."""
+    train = _training(P, *state)
+    y, W, R, h, c = _DeltaLSTMCpu.apply(state_grad, train, activate, num_heads, done, P, *state)
     return y, (W, R, h, c)
+
+
+# The layers whose slow projection the kernels read in place (agents/cores/fwp.py).
+PROJECTED = {"delta_rnn": delta_rnn_projected, "delta_lstm": delta_lstm_projected}

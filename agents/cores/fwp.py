@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agents.cores import cpu_kernels, cpu_recurrences
 from agents.cores import fast_weights as fw
 
 State = tuple[torch.Tensor, ...]
@@ -197,6 +198,12 @@ class FastWeightLayer(nn.Module):
         inputs = []
         # x's precision from here to the output projection, also under bf16 autocast (FWPCore)
         projected = self.slow(x).to(x.dtype)
+        fused = cpu_recurrences.PROJECTED.get(self.kind) if self.impl == "fast" else None
+        if fused and cpu_kernels.usable(projected, self.head_dim):
+            # the C kernels activate the fields themselves, reading the projection in place
+            with torch.autocast(x.device.type, enabled=False):
+                y, state = fused(projected, self.num_heads, done, state, self.state_grad)
+            return self.out(y.reshape(T, B, -1)), state
         for (name, act), part in zip(
             self.spec.fields, projected.split(self.widths, dim=-1), strict=True
         ):

@@ -258,24 +258,77 @@ void rdn_backward(int T, int B, int H, int D, int full, const float *P, const fl
 }
 
 /* ------------------------------------------------------------------ Delta RNN
- * q, k, v, rk, rv [T,B,H,D] and beta, rbeta [T,B,H] already activated; state W, R [B,H,D,D],
- * y [B,H,D]. y = DS(W; q, k, v, β) + DS(R; softmax(y_{t-1}), r_k, r_v, r_β).
- * saved [T,B,H,5D] = [u | diff | softmax(y_{t-1}) | u_R | diff_R]; erased holds (W, R) per slot. */
-void delta_rnn_forward(int T, int B, int H, int D, const float *q, const float *k, const float *v,
-                       const float *beta, const float *rk, const float *rv, const float *rbeta,
+ * P [T,B,F] is the layer's slow projection, read in place: each row holds the fields
+ * [q | k | v | β | r_k | r_v | r_β], head-major, with F = 5HD + 2H (q, k, v, r_k, r_v: HD each;
+ * β, r_β: H each; field_offsets). raw = 1: the fields are raw and the kernel applies the block's
+ * activations (softmax to q, k, r_k; sigmoid to β, r_β), which saves the torch ops and copies
+ * around them; raw = 0: they are already activated. State W, R [B,H,D,D], y [B,H,D].
+ * y = DS(W; q, k, v, β) + DS(R; softmax(y_{t-1}), r_k, r_v, r_β).
+ * saved [T,B,H,8D+2] = [u | diff | softmax(y_{t-1}) | u_R | diff_R | q | k | r_k | β | r_β]
+ * (activated); erased holds (W, R) per slot. The backward writes gP in P's layout, w.r.t. the
+ * raw fields when raw = 1. */
+#define RNN_SAVED(D) (8 * (D) + 2)
+
+/* Offsets of the fields of head h, gate gi (of G; delta_rnn: G = 1) in projection row `row`:
+ * each field is head-major, then gate-major ([H, G, D], or [H, G] for β and r_β). */
+typedef struct { long q, k, v, beta, rk, rv, rbeta; } proj_fields;
+
+static proj_fields field_offsets(int H, int G, int D, long row, int h, int gi) {
+    const long HGD = (long)H * G * D, HG = (long)H * G, base = row * (5 * HGD + 2 * HG);
+    const long vec = (long)(h * G + gi) * D, one = h * G + gi;
+    return (proj_fields){base + vec,          base + HGD + vec,      base + 2 * HGD + vec,
+                         base + 3 * HGD + one, base + 3 * HGD + HG + vec,
+                         base + 4 * HGD + HG + vec, base + 5 * HGD + HG + one};
+}
+
+/* The activations the kernels apply to a projection's head-dim fields. */
+enum { ACT_NONE, ACT_SOFTMAX, ACT_PHI };
+
+/* out = act(x). Returns φ's normaliser Σ(elu(x)+1) + 1e-5 (0 for the others), which with out
+ * is all activate_backward needs: elu(x)+1 = out · normaliser, and x > 0 where that exceeds 1. */
+static float activate(int D, int act, const float *restrict x, float *restrict out) {
+    if (act == ACT_SOFTMAX) {
+        softmax(D, x, out);
+        return 0.f;
+    }
+    if (act == ACT_NONE) {
+        memcpy(out, x, D * sizeof *out);
+        return 0.f;
+    }
+    float z = 1e-5f;
+#pragma omp simd reduction(+ : z)
+    for (int j = 0; j < D; j++) z += (out[j] = x[j] > 0.f ? x[j] + 1.f : fast_exp(x[j]));
+    for (int j = 0; j < D; j++) out[j] /= z;
+    return z;
+}
+
+/* g <- the gradient w.r.t. activate's input, given its output and g w.r.t. the output. */
+static void activate_backward(int D, int act, const float *restrict out, float norm,
+                              float *restrict g) {
+    if (act == ACT_SOFTMAX) softmax_backward(D, out, g);
+    if (act != ACT_PHI) return;
+    float gs = dot(D, g, out);
+    for (int j = 0; j < D; j++) {
+        float p = out[j] * norm;  /* elu(x)+1, whose derivative is 1 for x > 0 and p below */
+        g[j] = (g[j] - gs) / norm * (p > 1.f ? 1.f : p);
+    }
+}
+
+void delta_rnn_forward(int T, int B, int H, int D, int raw, const float *P,
                        const float *keep, const float *W0, const float *R0, const float *y0,
                        float *Y, float *W_last, float *R_last, float *saved, const int *slot,
                        float *erased, int threads) {
-    const int S = 5 * D;
+    const int S = RNN_SAVED(D);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < B * H; n++) {
         const int b = n / H, h = n % H;
-        float W[D * D], R[D * D], y[D], z[D], sy[D], buf[S];
+        float W[D * D], R[D * D], y[D], z[D], buf[RNN_SAVED(D)];
         memcpy(W, W0 + (long)n * D * D, sizeof W);
         memcpy(R, R0 + (long)n * D * D, sizeof R);
         memcpy(y, y0 + (long)n * D, sizeof y);
         for (int t = 0; t < T; t++) {
-            const long row = ROW(t), off = row * D;
+            const long row = ROW(t);
+            const proj_fields f = field_offsets(H, 1, D, (long)t * B + b, h, 0);
             if (keep[t * B + b] == 0.f) {
                 if (slot[t * B + b] >= 0) {
                     float *e = erased + ((long)slot[t * B + b] * H + h) * 2 * D * D;
@@ -286,28 +339,31 @@ void delta_rnn_forward(int T, int B, int H, int D, const float *q, const float *
                 memset(R, 0, sizeof R);
                 memset(y, 0, sizeof y);
             }
-            float *sv = saved ? saved + row * S : buf;
-            ds_forward(D, W, q + off, k + off, v + off, beta[row], z, sv + D, sv);
+            float *sv = saved ? saved + row * S : buf, *q = sv + 5 * D, *k = sv + 6 * D,
+                  *rk = sv + 7 * D;
+            const int act = raw ? ACT_SOFTMAX : ACT_NONE;
+            activate(D, act, P + f.q, q);
+            activate(D, act, P + f.k, k);
+            activate(D, act, P + f.rk, rk);
+            sv[8 * D] = raw ? sigmoid(P[f.beta]) : P[f.beta];
+            sv[8 * D + 1] = raw ? sigmoid(P[f.rbeta]) : P[f.rbeta];
+            ds_forward(D, W, q, k, P + f.v, sv[8 * D], z, sv + D, sv);
             softmax(D, y, sv + 2 * D);
-            memcpy(sy, sv + 2 * D, sizeof sy);
-            ds_forward(D, R, sy, rk + off, rv + off, rbeta[row], y, sv + 4 * D, sv + 3 * D);
+            ds_forward(D, R, sv + 2 * D, rk, P + f.rv, sv[8 * D + 1], y, sv + 4 * D, sv + 3 * D);
             for (int j = 0; j < D; j++) y[j] += z[j];
-            memcpy(Y + off, y, sizeof y);
+            memcpy(Y + row * D, y, sizeof y);
         }
         memcpy(W_last + (long)n * D * D, W, sizeof W);
         memcpy(R_last + (long)n * D * D, R, sizeof R);
     }
 }
 
-void delta_rnn_backward(int T, int B, int H, int D, int full, const float *q, const float *k,
-                        const float *beta, const float *rk, const float *rbeta,
-                        const float *keep, const float *W_last, const float *R_last,
-                        const float *saved, const int *slot, const float *erased,
-                        const float *gY, const float *gW_last, const float *gR_last,
-                        const float *gy_last, float *gq, float *gk, float *gv, float *gbeta,
-                        float *grk, float *grv, float *grbeta, float *gW0, float *gR0,
-                        float *gy0, int threads) {
-    const int S = 5 * D;
+void delta_rnn_backward(int T, int B, int H, int D, int full, int raw, const float *keep,
+                        const float *W_last, const float *R_last, const float *saved,
+                        const int *slot, const float *erased, const float *gY,
+                        const float *gW_last, const float *gR_last, const float *gy_last,
+                        float *gP, float *gW0, float *gR0, float *gy0, int threads) {
+    const int S = RNN_SAVED(D);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < B * H; n++) {
         const int b = n / H, h = n % H;
@@ -319,15 +375,26 @@ void delta_rnn_backward(int T, int B, int H, int D, int full, const float *q, co
         memcpy(gy, gy_last + (long)n * D, sizeof gy);
         for (int t = T - 1; t >= 0; t--) {
             const long row = ROW(t), off = row * D;
-            const float a = keep[t * B + b], *sv = saved + row * S;
+            const proj_fields f = field_offsets(H, 1, D, (long)t * B + b, h, 0);
+            const float a = keep[t * B + b], *sv = saved + row * S, *q = sv + 5 * D,
+                        *k = sv + 6 * D, *rk = sv + 7 * D, beta = sv[8 * D],
+                        rbeta = sv[8 * D + 1];
             const float pass = (full || t == 0) ? a : 0.f;
             for (int j = 0; j < D; j++) g[j] = gy[j] + gY[off + j];
             const int through = full || t == 0 || t == T - 1;
-            gbeta[row] = ds_backward(D, W, through ? gW : NULL, g, q + off, k + off, beta[row], sv,
-                                     sv + D, gq + off, gk + off, gv + off, 0);
-            grbeta[row] = ds_backward(D, R, through ? gR : NULL, g, sv + 2 * D, rk + off,
-                                      rbeta[row], sv + 3 * D, sv + 4 * D, gy, grk + off,
-                                      grv + off, 0);
+            float gbeta = ds_backward(D, W, through ? gW : NULL, g, q, k, beta, sv, sv + D,
+                                      gP + f.q, gP + f.k, gP + f.v, 0);
+            float grbeta = ds_backward(D, R, through ? gR : NULL, g, sv + 2 * D, rk, rbeta,
+                                       sv + 3 * D, sv + 4 * D, gy, gP + f.rk, gP + f.rv, 0);
+            if (raw) {
+                softmax_backward(D, q, gP + f.q);
+                softmax_backward(D, k, gP + f.k);
+                softmax_backward(D, rk, gP + f.rk);
+                gbeta *= beta * (1.f - beta);
+                grbeta *= rbeta * (1.f - rbeta);
+            }
+            gP[f.beta] = gbeta;
+            gP[f.rbeta] = grbeta;
             softmax_backward(D, sv + 2 * D, gy);
             scale(D, gy, pass);
             if (a == 0.f && t > 0) {
@@ -345,24 +412,25 @@ void delta_rnn_backward(int T, int B, int H, int D, int full, const float *q, co
 }
 
 /* ------------------------------------------------------------------ Delta LSTM
- * q, k, v, rk, rv [T,B,H,3,D] and beta, rbeta [T,B,H,3] already activated, gate axis (i, u, o);
- * state W, R [B,H,3,D,D], h, c [B,H,D]. pre_g = DS(W_g; q_g, k_g, v_g, β_g)
+ * P [T,B,F] as for the Delta RNN with a gate axis (i, u, o) inside each head: F = 15HD + 6H
+ * (field_offsets with G = 3); raw = 1: the kernel applies φ to q, k, softmax to r_k and
+ * sigmoid to β, r_β. State W, R
+ * [B,H,3,D,D], h, c [B,H,D]. pre_g = DS(W_g; q_g, k_g, v_g, β_g)
  * + DS(R_g; softmax(h_{t-1}), r_k,g, r_v,g, r_β,g); c = σ(pre_i) pre_u + (1 − σ(pre_i)) c_{t-1};
- * h = σ(pre_o) c. saved [T,B,H,17D] = [u_W (3D) | diff_W (3D) | u_R (3D) | diff_R (3D) |
- * softmax(h_{t-1}) | i | u | o | c]; erased holds (W, R) per slot. */
-#define LSTM_SAVED 17
+ * h = σ(pre_o) c. saved [T,B,H,26D+6] = [u_W (3D) | diff_W (3D) | u_R (3D) | diff_R (3D) |
+ * softmax(h_{t-1}) | i | u | o | c | q (3D) | k (3D) | r_k (3D) | β (3) | r_β (3) |
+ * φ's normalisers of q (3) and k (3)] (activated); erased holds (W, R) per slot. */
+#define LSTM_SAVED(D) (26 * (D) + 12)
 
-void delta_lstm_forward(int T, int B, int H, int D, const float *q, const float *k,
-                        const float *v, const float *beta, const float *rk, const float *rv,
-                        const float *rbeta, const float *keep, const float *W0, const float *R0,
-                        const float *h0, const float *c0, float *Y, float *W_last,
-                        float *R_last, float *c_last, float *saved, const int *slot,
-                        float *erased, int threads) {
-    const int S = LSTM_SAVED * D, G = 3 * D * D;
+void delta_lstm_forward(int T, int B, int H, int D, int raw, const float *P,
+                        const float *keep, const float *W0, const float *R0, const float *h0,
+                        const float *c0, float *Y, float *W_last, float *R_last, float *c_last,
+                        float *saved, const int *slot, float *erased, int threads) {
+    const int S = LSTM_SAVED(D), G = 3 * D * D;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < B * H; n++) {
         const int b = n / H, h = n % H;
-        float W[G], R[G], hh[D], c[D], z[D], r[D], pre[3 * D], buf[S];
+        float W[G], R[G], hh[D], c[D], z[D], r[D], pre[3 * D], buf[LSTM_SAVED(D)];
         memcpy(W, W0 + (long)n * G, sizeof W);
         memcpy(R, R0 + (long)n * G, sizeof R);
         memcpy(hh, h0 + (long)n * D, sizeof hh);
@@ -383,11 +451,19 @@ void delta_lstm_forward(int T, int B, int H, int D, const float *q, const float 
             float *sv = saved ? saved + row * S : buf, *sh = sv + 12 * D;
             softmax(D, hh, sh);
             for (int gi = 0; gi < 3; gi++) {
-                const long off = (row * 3 + gi) * D, col = row * 3 + gi;
-                ds_forward(D, W + gi * D * D, q + off, k + off, v + off, beta[col], z,
-                           sv + 3 * D + gi * D, sv + gi * D);
-                ds_forward(D, R + gi * D * D, sh, rk + off, rv + off, rbeta[col], r,
-                           sv + 9 * D + gi * D, sv + 6 * D + gi * D);
+                const proj_fields f = field_offsets(H, 3, D, (long)t * B + b, h, gi);
+                float *q = sv + 17 * D + gi * D, *k = sv + 20 * D + gi * D,
+                      *rk = sv + 23 * D + gi * D, *beta = sv + 26 * D + gi,
+                      *rbeta = sv + 26 * D + 3 + gi, *norm = sv + 26 * D + 6 + gi;
+                norm[0] = activate(D, raw ? ACT_PHI : ACT_NONE, P + f.q, q);
+                norm[3] = activate(D, raw ? ACT_PHI : ACT_NONE, P + f.k, k);
+                activate(D, raw ? ACT_SOFTMAX : ACT_NONE, P + f.rk, rk);
+                *beta = raw ? sigmoid(P[f.beta]) : P[f.beta];
+                *rbeta = raw ? sigmoid(P[f.rbeta]) : P[f.rbeta];
+                ds_forward(D, W + gi * D * D, q, k, P + f.v, *beta, z, sv + 3 * D + gi * D,
+                           sv + gi * D);
+                ds_forward(D, R + gi * D * D, sh, rk, P + f.rv, *rbeta, r, sv + 9 * D + gi * D,
+                           sv + 6 * D + gi * D);
                 for (int j = 0; j < D; j++) pre[gi * D + j] = z[j] + r[j];
             }
             float *ig = sv + 13 * D, *ug = sv + 14 * D, *og = sv + 15 * D;
@@ -407,16 +483,13 @@ void delta_lstm_forward(int T, int B, int H, int D, const float *q, const float 
     }
 }
 
-void delta_lstm_backward(int T, int B, int H, int D, int full, const float *q, const float *k,
-                         const float *beta, const float *rk, const float *rbeta,
-                         const float *keep, const float *c0, const float *W_last,
-                         const float *R_last, const float *saved, const int *slot,
-                         const float *erased, const float *gY, const float *gW_last,
-                         const float *gR_last, const float *gh_last, const float *gc_last,
-                         float *gq, float *gk, float *gv, float *gbeta, float *grk, float *grv,
-                         float *grbeta, float *gW0, float *gR0, float *gh0, float *gc0,
-                         int threads) {
-    const int S = LSTM_SAVED * D, G = 3 * D * D;
+void delta_lstm_backward(int T, int B, int H, int D, int full, int raw, const float *keep,
+                         const float *c0, const float *W_last, const float *R_last,
+                         const float *saved, const int *slot, const float *erased,
+                         const float *gY, const float *gW_last, const float *gR_last,
+                         const float *gh_last, const float *gc_last, float *gP, float *gW0,
+                         float *gR0, float *gh0, float *gc0, int threads) {
+    const int S = LSTM_SAVED(D), G = 3 * D * D;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < B * H; n++) {
         const int b = n / H, h = n % H;
@@ -442,15 +515,27 @@ void delta_lstm_backward(int T, int B, int H, int D, int full, const float *q, c
             }
             const int through = full || t == 0 || t == T - 1;
             for (int gi = 0; gi < 3; gi++) {
-                const long off = (row * 3 + gi) * D, col = row * 3 + gi;
+                const proj_fields f = field_offsets(H, 3, D, (long)t * B + b, h, gi);
+                const float *q = sv + 17 * D + gi * D, *k = sv + 20 * D + gi * D,
+                            *rk = sv + 23 * D + gi * D, beta = sv[26 * D + gi],
+                            rbeta = sv[26 * D + 3 + gi], *norm = sv + 26 * D + 6 + gi;
                 const int m = gi * D * D;
                 float *g = gpre + gi * D;
-                gbeta[col] = ds_backward(D, W + m, through ? gW + m : NULL, g, q + off, k + off,
-                                         beta[col], sv + gi * D, sv + 3 * D + gi * D, gq + off,
-                                         gk + off, gv + off, 0);
-                grbeta[col] = ds_backward(D, R + m, through ? gR + m : NULL, g, sh, rk + off,
-                                          rbeta[col], sv + 6 * D + gi * D, sv + 9 * D + gi * D,
-                                          gh, grk + off, grv + off, gi > 0);
+                float gbeta = ds_backward(D, W + m, through ? gW + m : NULL, g, q, k, beta,
+                                          sv + gi * D, sv + 3 * D + gi * D, gP + f.q, gP + f.k,
+                                          gP + f.v, 0);
+                float grbeta = ds_backward(D, R + m, through ? gR + m : NULL, g, sh, rk, rbeta,
+                                           sv + 6 * D + gi * D, sv + 9 * D + gi * D, gh,
+                                           gP + f.rk, gP + f.rv, gi > 0);
+                if (raw) {
+                    activate_backward(D, ACT_PHI, q, norm[0], gP + f.q);
+                    activate_backward(D, ACT_PHI, k, norm[3], gP + f.k);
+                    softmax_backward(D, rk, gP + f.rk);
+                    gbeta *= beta * (1.f - beta);
+                    grbeta *= rbeta * (1.f - rbeta);
+                }
+                gP[f.beta] = gbeta;
+                gP[f.rbeta] = grbeta;
             }
             softmax_backward(D, sh, gh);
             scale(D, gh, pass);
