@@ -94,6 +94,9 @@ class LearnerConfig:
     lr_schedule: str = _key(
         "linear", "learning-rate decay to 0 over total steps", choices=("linear", "constant")
     )
+    warmup_steps: int = _key(
+        0, "agent steps over which the learning rate rises linearly from 0 (0: none)", minimum=0
+    )
     optimizer: str = _key("rmsprop", "optimizer", choices=("rmsprop", "adam"))
     rmsprop_alpha: float = _key(0.99, "RMSprop smoothing constant", minimum=0.0)
     rmsprop_eps: float = _key(0.01, "RMSprop/Adam epsilon", minimum=0.0)

@@ -49,9 +49,14 @@ class Learner:
         self.skipped_updates = 0
 
     def learning_rate(self) -> float:
-        if self.cfg.lr_schedule == "constant":
-            return self.cfg.learning_rate
-        return self.cfg.learning_rate * max(0.0, 1.0 - self.steps / self.total_steps)
+        """The rate for the next update: the schedule's, scaled by the warm-up's linear ramp."""
+        cfg = self.cfg
+        rate = cfg.learning_rate
+        if cfg.lr_schedule == "linear":
+            rate *= max(0.0, 1.0 - self.steps / self.total_steps)
+        if self.steps < cfg.warmup_steps:
+            rate *= (self.steps + 1) / cfg.warmup_steps
+        return rate
 
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Forward pass and the three losses (summed over T x B, as in the paper)."""

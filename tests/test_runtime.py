@@ -113,6 +113,17 @@ def test_learner_step_moves_weights_and_lowers_loss():
     assert learner.steps == 31 * T * 4 and learner.updates == 31
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_warmup_ramps_the_learning_rate_then_hands_over_to_the_schedule(schedule):
+    cfg = counting_config("lstm", lr=1e-3, **{"learner.warmup_steps": 1000})
+    cfg.learner.lr_schedule = schedule
+    learner = Learner(build(cfg)[1], cfg.learner, 10_000, torch.device("cpu"))
+    decay = {"constant": lambda s: 1.0, "linear": lambda s: 1.0 - s / 10_000}[schedule]
+    for steps, ramp in ((0, 1 / 1000), (499, 0.5), (999, 1.0), (1000, 1.0), (5000, 1.0)):
+        learner.steps = steps
+        assert learner.learning_rate() == pytest.approx(1e-3 * ramp * decay(steps))
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_normalized_advantages_ignore_their_scale_and_offset(monkeypatch, normalize):
     """With learner.normalize_advantages, advantages x and 3x+2 give the same policy loss."""
