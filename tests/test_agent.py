@@ -67,6 +67,7 @@ def rollout(obs_shape, seed=0):
     ("torso", "obs_shape", "core", "kwargs"),
     [
         ("mlp", (7,), "delta", SMALL_FWP),
+        ("mlp", (7,), "delta_rnn", SMALL_FWP),
         ("mlp", (7,), "delta_lstm", SMALL_FWP),
         ("mlp", (7,), "lstm", {"hidden_size": 8}),
         ("impala", (4, 84, 84), "rdn", SMALL_FWP),
