@@ -8,11 +8,12 @@
  * one thread pool).
  *
  * Conventions (matching agents/cores/recurrent_fast_weights.py): row vectors, fast weights
- * key-major [d, d] with read y = q M; all arrays float32 and contiguous; time-major inputs
- * [T, B, H, ...] so step t of program n = b * H + h is row t * B * H + n. keep[t, b] = 1 - done
- * is applied to every state tensor before step t. The backward rewinds the fast weights,
- * M_{t-1} = M_t - kᵀu, and restores the matrices a reset erased from `erased` (slot[t, b] >= 0
- * for every reset at t > 0). `full` = 0 (state_grad="none"): a step's gradient stops at the
+ * key-major [d, d] with read y = q M; all arrays float32 and contiguous; time-major per-head
+ * arrays [T, B, H, ...] so step t of program n = b * H + h is row t * B * H + n (delta_rnn and
+ * delta_lstm read their inputs from projection rows [T, B, F] instead: field_offsets).
+ * keep[t, b] = 1 - done is applied to every state tensor before step t. The backward rewinds the
+ * fast weights (held transposed, see ds_backward), M_{t-1} = M_t - kᵀu, and restores the
+ * matrices a reset erased from `erased` (slot[t, b] >= 0 for every reset at t > 0). `full` = 0 (state_grad="none"): a step's gradient stops at the
  * state it read, except at step 0, whose gradient reaches the initial state.
  */
 #include <math.h>
