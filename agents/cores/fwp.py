@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.cores import cpu_kernels, cpu_recurrences
+from agents.cores import cpu_kernels, cpu_recurrences, triton_kernels
 from agents.cores import fast_weights as fw
 
 State = tuple[torch.Tensor, ...]
@@ -199,8 +199,10 @@ class FastWeightLayer(nn.Module):
         # x's precision from here to the output projection, also under bf16 autocast (FWPCore)
         projected = self.slow(x).to(x.dtype)
         fused = cpu_recurrences.PROJECTED.get(self.kind) if self.impl == "fast" else None
-        if fused and cpu_kernels.usable(projected, self.head_dim):
-            # the C kernels activate the fields themselves, reading the projection in place
+        # the recurrences' own dispatch order: Triton first, then the C kernels, which activate
+        # the fields themselves, reading the projection in place
+        on_cpu = cpu_kernels.usable(projected, self.head_dim)
+        if fused and on_cpu and not triton_kernels.usable(projected):
             with torch.autocast(x.device.type, enabled=False):
                 y, state = fused(projected, self.num_heads, done, state, self.state_grad)
             return self.out(y.reshape(T, B, -1)), state
