@@ -198,13 +198,10 @@ class FastWeightLayer(nn.Module):
         inputs = []
         # x's precision from here to the output projection, also under bf16 autocast (FWPCore)
         projected = self.slow(x).to(x.dtype)
-        fused = cpu_recurrences.PROJECTED.get(self.kind) if self.impl == "fast" else None
-        # the recurrences' own dispatch order: Triton first, then the C kernels, which activate
-        # the fields themselves, reading the projection in place
-        on_cpu = cpu_kernels.usable(projected, self.head_dim)
-        if fused and on_cpu and not triton_kernels.usable(projected):
+        kernel = self._in_place_kernel(projected)
+        if kernel is not None:
             with torch.autocast(x.device.type, enabled=False):
-                y, state = fused(projected, self.num_heads, done, state, self.state_grad)
+                y, state = kernel(projected, self.num_heads, done, state, self.state_grad)
             return self.out(y.reshape(T, B, -1)), state
         for (name, act), part in zip(
             self.spec.fields, projected.split(self.widths, dim=-1), strict=True
@@ -214,6 +211,14 @@ class FastWeightLayer(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             y, state = self._recur(inputs, done, state)
         return self.out(y.reshape(T, B, -1)), state
+
+    def _in_place_kernel(self, projected: torch.Tensor) -> Callable | None:
+        """The C kernel that reads this layer's raw projection in place and activates its fields
+        itself, where the recurrence's dispatch would pick the C kernels (Triton comes first)."""
+        kernel = cpu_recurrences.PROJECTED.get(self.kind) if self.impl == "fast" else None
+        if kernel is None or triton_kernels.usable(projected):
+            return None
+        return kernel if cpu_kernels.usable(projected, self.head_dim) else None
 
     def _recur(self, inputs: list[torch.Tensor], done: torch.Tensor, state: State):
         if self.kind in ("lt", "delta"):
