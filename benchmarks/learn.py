@@ -34,7 +34,10 @@ def read_games(run_dir: Path) -> np.ndarray:
     """[n, 3] array of (step, seconds since the first log, return) per finished game."""
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     events.Reload()
-    start = min(e.wall_time for tag in events.Tags()["scalars"] for e in events.Scalars(tag))
+    tags = events.Tags()["scalars"]
+    if RETURN_TAG not in tags:
+        return np.empty((0, 3))
+    start = min(e.wall_time for tag in tags for e in events.Scalars(tag))
     games = sorted(events.Scalars(RETURN_TAG), key=lambda e: e.step)
     return np.array([(e.step, e.wall_time - start, e.value) for e in games], dtype=np.float64)
 
@@ -106,6 +109,8 @@ def main() -> None:
     )
     frames_per_step = FRAMES_PER_STEP if is_atari else 1
     games = read_games(run_dir)
+    if not len(games):
+        sys.exit(f"learn.py: no game finished in {run_dir}; no curve to write")
     mean100 = running_mean(games[:, 2])
     write_csv(out / f"{args.name}.csv", games, mean100, frames_per_step)
     config = Path(args.config).resolve()
@@ -124,9 +129,9 @@ def main() -> None:
         "config": args.config,
         "overrides": args.overrides,
         "minutes": args.minutes,
-        "steps": int(games[-1, 0]) if len(games) else 0,
+        "steps": int(games[-1, 0]),
         "games": len(games),
-        "final_mean_last_100": float(mean100[-1]) if len(games) else None,
+        "final_mean_last_100": float(mean100[-1]),
         "eval_mean": report["mean"],
         "eval_episodes": len(report["episodes"]),
     }
