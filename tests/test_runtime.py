@@ -26,6 +26,7 @@ def counting_config(core: str, backend: str = "sync", lr: float = 0.0, **extra):
         "agent.torso": "mlp",
         "agent.core": core,
         "agent.prev_action": True,
+        "agent.init": "default",  # the Pong preset's learning choices are not under test here
         "core.num_layers": 1,
         "core.hidden_size": 16,
         "core.num_heads": 2,
@@ -35,6 +36,7 @@ def counting_config(core: str, backend: str = "sync", lr: float = 0.0, **extra):
         "learner.batch_size": 4,
         "learner.learning_rate": lr,
         "learner.lr_schedule": "constant",
+        "learner.warmup_steps": 0,
         "runtime.backend": backend,
         "runtime.num_actors": 2,
         "runtime.total_steps": 10_000,
