@@ -7,6 +7,9 @@ Runs on a bare GPU host (torch only; no gymnasium/ale-py needed). One JSON objec
     cuDNN nn.LSTM(257, 256); the fast impl is the fused Triton kernels (when triton is
     installed), timed next to the torch fast path they replace;
   - recurrence: the same comparison for one layer's recurrence alone (H=4, d=32), no block;
+  - profile: device activities per core fwd+bwd (T=50), their device time against the wall
+    time (how launch-bound each core is);
+  - graphed: core fwd+bwd (T=50) captured in CUDA graphs, next to cuDNN LSTM's likewise;
   - learner: paper preset learner (IMPALA ResNet + core, T=50, B=32) steps/s, f32, bf16 torso
     and bf16 torso + FWP core linear layers.
 
@@ -19,15 +22,21 @@ import argparse
 import importlib
 import json
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agents import build_agent, make_core  # noqa: E402
 from agents.cores import fast_weights as fw  # noqa: E402
 from agents.cores import triton_kernels  # noqa: E402
+from agents.cores.fwp import FastWeightLayer  # noqa: E402
 from benchmarks._common import median_seconds, random_batch  # noqa: E402
 from runners.config import LearnerConfig  # noqa: E402
 from runners.learner import Learner  # noqa: E402
@@ -110,7 +119,8 @@ def parity(name: str) -> None:
     )
 
 
-def core_time(name: str, impl: str, t: int, b: int, seconds: float) -> float:
+def core_step(name: str, impl: str, t: int, b: int) -> Callable[[], None]:
+    """One fwd+bwd of a core (or of cuDNN's LSTM, ``lstm_cudnn``) at input 257, zero state."""
     if name == "lstm_cudnn":
         core = torch.nn.LSTM(INPUT, 256).to(DEVICE)
         x, _ = inputs(t, b, DEVICE)
@@ -119,16 +129,85 @@ def core_time(name: str, impl: str, t: int, b: int, seconds: float) -> float:
             y, _ = core(x.requires_grad_(True))
             y.sum().backward()
 
-    else:
-        core = make_core(name, INPUT, impl=impl).to(DEVICE)
-        x, done = inputs(t, b, DEVICE)
-        state = core.initial_state(b, DEVICE)
+        return step
+    core = make_core(name, INPUT, impl=impl).to(DEVICE)
+    x, done = inputs(t, b, DEVICE)
+    state = core.initial_state(b, DEVICE)
 
-        def step():
-            y, _ = core(x.requires_grad_(True), done, state)
-            y.sum().backward()
+    def step():
+        y, _ = core(x.requires_grad_(True), done, state)
+        y.sum().backward()
+
+    return step
+
+
+def core_time(name: str, impl: str, t: int, b: int, seconds: float) -> float:
+    return 1000 * median_seconds(core_step(name, impl, t, b), seconds, sync=sync)
+
+
+def split_projection():
+    """The layers hand the recurrence activated, split fields (torch ops) instead of their raw
+    projection: the route before the kernels read it in place, for an A/B in one run."""
+    return mock.patch.object(FastWeightLayer, "_in_place_kernel", lambda self, projected: None)
+
+
+class _FlatCore(torch.nn.Module):
+    """A core (or nn.LSTM) with flat tensor inputs and outputs, for make_graphed_callables."""
+
+    def __init__(self, core: torch.nn.Module, done: torch.Tensor | None) -> None:
+        super().__init__()
+        self.core, self.done = core, done
+
+    def forward(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.done is None:
+            y, (h, c) = self.core(x)
+            return y, h, c
+        y, new_state = self.core(x, self.done, state)
+        return (y, *new_state)
+
+
+def graphed_time(name: str, t: int, b: int, seconds: float) -> float:
+    """fwd+bwd ms of a core captured in CUDA graphs (torch.cuda.make_graphed_callables): what
+    is left once the host no longer launches the kernels one by one."""
+    x, done = inputs(t, b, DEVICE)
+    x.requires_grad_(True)
+    if name == "lstm_cudnn":
+        flat, state = _FlatCore(torch.nn.LSTM(INPUT, 256).to(DEVICE), None), ()
+    else:
+        core = make_core(name, INPUT).to(DEVICE)
+        flat, state = _FlatCore(core, done), core.initial_state(b, DEVICE)
+    graphed = torch.cuda.make_graphed_callables(flat, (x, *state))
+
+    def step():
+        graphed(x, *state)[0].sum().backward()
 
     return 1000 * median_seconds(step, seconds, sync=sync)
+
+
+def launch_profile(name: str, t: int, b: int, calls: int = 5) -> None:
+    """Device activities (kernels, copies, fills) per fwd+bwd and their summed device time,
+    against the wall time: how launch-bound a core is."""
+    step = core_step(name, "fast", t, b)
+    for _ in range(2):
+        step()
+    sync()
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            step()
+        sync()
+    wall = (time.perf_counter() - start) / calls
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    emit(
+        check="profile",
+        core=name,
+        T=t,
+        B=b,
+        device_activities=len(device) / calls,
+        device_busy_ms=sum(e.time_range.elapsed_us() for e in device) / calls / 1000,
+        wall_ms_profiled=1000 * wall,
+    )
 
 
 def recurrence_time(name: str, t: int, b: int, seconds: float) -> float:
@@ -178,7 +257,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter timings")
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--checks", default="parity,core,learner", help="which checks to run")
+    parser.add_argument(
+        "--checks", default="parity,core,profile,graphed,learner", help="which checks to run"
+    )
     parser.add_argument("--lengths", default="50,512", help="unroll lengths T to time")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
     args = parser.parse_args()
@@ -211,6 +292,11 @@ def main() -> None:
                 with triton_kernels.forced(False):
                     extra["torch_fast_ms"] = core_time(name, "fast", t, 32, seconds)
                 extra["triton_speedup_vs_torch_fast"] = extra["torch_fast_ms"] / fast_ms
+                if name != "rdn":
+                    with split_projection():
+                        extra["triton_split_projection_ms"] = core_time(
+                            name, "fast", t, 32, seconds
+                        )
             emit(
                 check="core",
                 core=name,
@@ -229,11 +315,23 @@ def main() -> None:
                     torch_ms = recurrence_time(name, t, 32, seconds)
                 emit(check="recurrence", core=name, T=t, B=32, triton_ms=triton_ms,
                      torch_fast_ms=torch_ms, triton_speedup=torch_ms / triton_ms)  # fmt: skip
+    for name in ("lstm_cudnn", *FWP) if "profile" in checks else ():
+        try:
+            launch_profile(name, 50, 32)
+        except Exception as error:  # a profiler problem must not cost the rest of the run
+            emit(check="profile", core=name, error=repr(error))
     learners = (("impala", "rdn"), ("impala", "delta"), ("impala", "lstm"))
     for torso, core in learners if "learner" in checks else ():
         for bf16 in ("none", "torso", "torso+core") if core != "lstm" else ("none", "torso"):
             rate = learner_rate(core, torso, bf16, seconds * 2)
             emit(check="learner", torso=torso, core=core, bf16=bf16, T=50, B=32, steps_per_s=rate)
+    # last: a failed capture could leave the CUDA context unusable for what follows
+    for name in ("lstm_cudnn", *FWP) if "graphed" in checks else ():
+        try:
+            ms = graphed_time(name, 50, 32, seconds)
+            emit(check="graphed", core=name, T=50, B=32, fwd_bwd_ms=ms)
+        except Exception as error:  # capture may not support every core; keep the run going
+            emit(check="graphed", core=name, error=repr(error)[:500])
 
 
 if __name__ == "__main__":

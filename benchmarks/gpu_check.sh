@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 # Kernels vs per-step references and the torch fast path (compiled, not interpreted, on CUDA).
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
 kernels=$?
-PYTHONUNBUFFERED=1 timeout 300 python3 benchmarks/gpu_bench.py "$@"
+PYTHONUNBUFFERED=1 timeout 330 python3 benchmarks/gpu_bench.py "$@"
 bench=$?
 central=0
 if python3 -c "import gymnasium, ale_py" 2>/dev/null; then

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,9 @@ def errors(name: str, state_grad: str, d: int, device: str) -> dict[str, float]:
     """Largest |Triton − reference| of the outputs and of each input's gradient.
 
     T=7 with resets at t=0, at two consecutive steps and over the whole batch in the middle, a
-    non-zero initial state, and a random cotangent on the outputs and the final state.
+    non-zero initial state, and a random cotangent on the outputs and the final state; then the
+    gradients again with a cotangent on the outputs alone (the learner's case: the kernels then
+    get no gradient for the final state, not zeros).
     """
     T, B, H = 7, 3, 2
     inputs, state = make_inputs(name, T, B, H, d, seed=1)
@@ -100,25 +103,31 @@ def errors(name: str, state_grad: str, d: int, device: str) -> dict[str, float]:
         gen = torch.Generator().manual_seed(2)
         cotangents = [torch.randn(o.shape, generator=gen).to(device) for o in outputs]
         loss = sum((o * c).sum() for o, c in zip(outputs, cotangents, strict=True))
-        runs.append(([o.detach() for o in outputs], torch.autograd.grad(loss, leaves)))
-    (out_ref, grad_ref), (out_tri, grad_tri) = runs
+        grads = torch.autograd.grad(loss, leaves, retain_graph=True)
+        y_alone = torch.autograd.grad((y * cotangents[0]).sum(), leaves, allow_unused=True)
+        runs.append(([o.detach() for o in outputs], grads, y_alone))
+    (out_ref, grad_ref, alone_ref), (out_tri, grad_tri, alone_tri) = runs
     result = {
         "outputs": max(float((a - b).abs().max()) for a, b in zip(out_ref, out_tri, strict=True))
     }
     for arg, a, b in zip(ARG_NAMES[name], grad_ref, grad_tri, strict=True):
         result[f"grad {arg}"] = float((a - b).abs().max())
+    for arg, a, b in zip(ARG_NAMES[name], alone_ref, alone_tri, strict=True):
+        a, b = (torch.zeros(()) if g is None else g for g in (a, b))
+        result[f"grad {arg}, outputs alone"] = float((a - b).abs().max())
     return result
 
 
-def core_errors(name: str, device: str) -> dict:
+def core_errors(name: str, device: str, state_grad: str = "full") -> dict:
     """|kernels − torch fast path| / max(1, |torch fast path|) of a whole one-layer core (the
-    dispatch from ``impl="fast"``, the block's strided inputs): output, final state, gradients
-    w.r.t. the input, the initial state and every parameter; and which runs used the kernels."""
+    dispatch from ``impl="fast"``: the raw projection read in place and activated by the
+    kernels, or rdn's strided per-head inputs): output, final state, gradients w.r.t. the input,
+    the initial state and every parameter; and per run, whether it used the kernels and whether
+    the projection stayed whole (no split into fields)."""
     T, B = 5, 2
     torch.manual_seed(0)
-    core = make_core(
-        CORES.get(name, name), 8, hidden_size=16, num_layers=1, num_heads=2, head_dim=16, ff_size=16
-    )
+    sizes = dict(hidden_size=16, num_layers=1, num_heads=2, head_dim=16, ff_size=16)
+    core = make_core(CORES.get(name, name), 8, state_grad=state_grad, **sizes)
     core = core.to(device)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(T, B, 8, generator=gen).to(device)
@@ -127,9 +136,12 @@ def core_errors(name: str, device: str) -> dict:
     runs, paths = [], []
     for kernels in (False, True):
         leaves = [t.clone().requires_grad_() for t in (x, *state)]
-        with triton_kernels.forced(kernels):
+        # On CUDA the kernels come from the dispatch itself; the interpreter must be forced.
+        with triton_kernels.forced(kernels) if not kernels or device == "cpu" else nullcontext():
             y, final = core(leaves[0], done, tuple(leaves[1:]))
-        paths.append(f"{FUNCTIONS[name]}TritonBackward" in graph_node_names(y))
+        nodes = graph_node_names(y)
+        in_place = "SplitWithSizesBackward0" not in nodes  # the projection was not split
+        paths.append((f"{FUNCTIONS[name]}TritonBackward" in nodes, in_place))
         loss = y.square().sum() + sum(f.square().sum() for f in final)
         grads = torch.autograd.grad(loss, [*leaves, *core.parameters()])
         runs.append([t.detach() for t in (y, *final, *grads)])
@@ -168,7 +180,8 @@ def _patch_interpreter() -> None:
 
 def all_errors(device: str) -> dict[str, dict]:
     found = {case_id(c): errors(*c, device=device) for c in CASES}
-    return found | {f"core-{name}": core_errors(name, device) for name in ARG_NAMES}
+    found |= {f"core-{name}": core_errors(name, device) for name in ARG_NAMES}
+    return found | {f"core-{name}-none": core_errors(name, device, "none") for name in SEQUENTIAL}
 
 
 @pytest.fixture(scope="module")
@@ -195,20 +208,23 @@ def test_matches_reference(results, case):
     assert not bad, f"{case_id(case)}: max |triton - reference| above {TOLERANCE}: {bad}"
 
 
-@pytest.mark.parametrize("name", list(ARG_NAMES))
+@pytest.mark.parametrize("name", [*ARG_NAMES, *(f"{name}-none" for name in SEQUENTIAL)])
 def test_core_matches_torch_fast_path(results, name):
     worst, paths = results[f"core-{name}"]["worst"], results[f"core-{name}"]["paths"]
-    assert paths == [False, True], (
-        f"{name} core: kernels used in (torch path, kernel path): {paths}"
-    )
+    (torch_kernels, _), (kernels, in_place) = paths
+    assert (torch_kernels, kernels) == (False, True), f"{name} core: kernels used in {paths}"
+    # every layer but rdn's hands the kernels its projection whole; rdn's splits it
+    assert in_place == (not name.startswith("rdn")), f"{name} core: projection read in place?"
     assert worst <= TOLERANCE, f"{name} core: kernels vs torch fast path, relative error {worst}"
 
 
 def arg_type(name: str, consts: dict) -> str:
-    """A kernel argument's type for ``triton.compile``: T, B, H, STEPS are i32, the rest (but
-    constexprs) f32 pointers."""
+    """A kernel argument's type for ``triton.compile``: T, B, H, STEPS are i32, done a bool
+    pointer, the rest (but constexprs) f32 pointers."""
     if name in consts:
         return "constexpr"
+    if name == "done":
+        return "*i1"
     return "i32" if name in ("T", "B", "H", "STEPS") else "*fp32"
 
 

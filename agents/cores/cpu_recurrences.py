@@ -167,7 +167,7 @@ class _DeltaLSTMCpu(torch.autograd.Function):
         return None, None, None, None, None, gP, *g_state
 
 
-def _projection(*fields: Tensor) -> Tensor:
+def projection_row(*fields: Tensor) -> Tensor:
     """Activated per-head inputs [T,B,H,...] laid out as a projection row [T,B,F] (see
     csrc/fwp_cpu.c): each field flattened head-major, one after the other."""
     T, B = fields[0].shape[:2]
@@ -189,7 +189,7 @@ def delta_rnn(
     done: Tensor, state: tuple[Tensor, ...], state_grad: str = "full",
 ) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
     """``recurrent_fast_weights.delta_rnn`` (same arguments, already checked) on the C kernels."""
-    P = _projection(q, k, v, beta, rk, rv, rbeta)
+    P = projection_row(q, k, v, beta, rk, rv, rbeta)
     return delta_rnn_projected(P, q.shape[2], done, state, state_grad, activate=False)
 
 
@@ -216,7 +216,7 @@ def delta_lstm(
     done: Tensor, state: tuple[Tensor, ...], state_grad: str = "full",
 ) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
     """``recurrent_fast_weights.delta_lstm`` (same arguments, already checked) on the C kernels."""
-    P = _projection(q, k, v, beta, rk, rv, rbeta)
+    P = projection_row(q, k, v, beta, rk, rv, rbeta)
     return delta_lstm_projected(P, q.shape[2], done, state, state_grad, activate=False)
 
 

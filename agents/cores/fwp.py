@@ -213,12 +213,16 @@ class FastWeightLayer(nn.Module):
         return self.out(y.reshape(T, B, -1)), state
 
     def _in_place_kernel(self, projected: torch.Tensor) -> Callable | None:
-        """The C kernel that reads this layer's raw projection in place and activates its fields
-        itself, where the recurrence's dispatch would pick the C kernels (Triton comes first)."""
-        kernel = cpu_recurrences.PROJECTED.get(self.kind) if self.impl == "fast" else None
-        if kernel is None or triton_kernels.usable(projected):
+        """The fused kernel that reads this layer's raw projection in place and activates its
+        fields itself, where the recurrence's dispatch would pick fused kernels: Triton's on
+        CUDA, else the C ones (delta_rnn and delta_lstm)."""
+        if self.impl != "fast":
             return None
-        return kernel if cpu_kernels.usable(projected, self.head_dim) else None
+        if triton_kernels.usable(projected, self.head_dim):
+            return triton_kernels.projected(self.kind, self.state_grad)
+        if self.kind in cpu_recurrences.PROJECTED and cpu_kernels.usable(projected, self.head_dim):
+            return cpu_recurrences.PROJECTED[self.kind]
+        return None
 
     def _recur(self, inputs: list[torch.Tensor], done: torch.Tensor, state: State):
         if self.kind in ("lt", "delta"):

@@ -5,7 +5,10 @@ launch-bound on a GPU. Here program (b, h) runs all T steps with W in registers,
 does: the forward stores the W each step read (after its reset; T·B·H·d² floats) and the backward
 reloads them. ``DELTA`` picks the write: the delta rule's ``kᵀ β (v − k W)`` or the Linear
 Transformer's ``kᵀ v`` (β unused). Gradients always flow between steps: the cores' detached
-variant (``state_grad="none"``) has its own parallel form.
+variant (``state_grad="none"``) has its own parallel form. The inputs come as a projection row
+[T,B,3Hd(+H)] (fields q, k, v (and β), head-major; ``cpu_recurrences.projection_row``): a layer's
+raw slow projection, read in place and activated here (q, k φ, β sigmoid), or already activated
+inputs laid out so.
 """
 
 from __future__ import annotations
@@ -15,32 +18,63 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from agents.cores.triton_ops import STAGES, delta_step, delta_step_backward, matvec, vecmat
+from agents.cores import triton_kernels
+from agents.cores.cpu_recurrences import projection_row
+from agents.cores.triton_ops import (
+    STAGES,
+    delta_step,
+    delta_step_backward,
+    kept,
+    matvec,
+    phi,
+    phi_backward,
+    vecmat,
+)
 
 NUM_WARPS = {16: 1, 32: 4, 64: 8}  # warps per program by head dim (see triton_rdn)
 
 
 @triton.jit
-def _load_step(x, D: tl.constexpr):
-    """q, k, v, β of one step from a row laid out [q | k | v | β] (3D + 1 floats)."""
-    i = tl.arange(0, D)
-    return tl.load(x + i), tl.load(x + D + i), tl.load(x + 2 * D + i), tl.load(x + 3 * D)
+def _step_offsets(head, H, D: tl.constexpr):
+    """Offsets of one head's q, k, v, β in a projection row [q | k | v | β], each field H slots of
+    D floats (β: of 1)."""
+    vec = head * D + tl.arange(0, D)
+    return vec, H * D + vec, 2 * H * D + vec, 3 * H * D + head
 
 
 @triton.jit
-def _fast_weight_forward(X, keep, W0, Ms, Y, W_last, T, B, H, D: tl.constexpr, DELTA: tl.constexpr):
-    """X [T,B,H,3D+1] = [q | k | v | β]; keep [T,B]; W0 [B,H,D,D]. Writes Ms [T,B,H,D,D] (W as
-    each step read it), Y [T,B,H,D] and the final W_last."""
+def _load_step(p, head, H, D: tl.constexpr, DELTA: tl.constexpr, ACTIVATE: tl.constexpr):
+    """q, k, v, β of one head from the projection row at p, activated when ACTIVATE (β: 0 for
+    the linear write, which has no β field)."""
+    oq, ok, ov, ob = _step_offsets(head, H, D)
+    q, k, v = tl.load(p + oq), tl.load(p + ok), tl.load(p + ov)
+    beta = tl.load(p + ob) if DELTA else 0.0
+    if ACTIVATE:
+        q, k = phi(q), phi(k)
+        if DELTA:
+            beta = tl.sigmoid(beta)
+    return q, k, v, beta
+
+
+@triton.jit
+def _fast_weight_forward(
+    P, done, W0, Ms, Y, W_last, T, B, H,
+    D: tl.constexpr, DELTA: tl.constexpr, ACTIVATE: tl.constexpr,
+):  # fmt: skip
+    """P [T,B,3HD(+H)] = [q | k | v (| β)]; done [T,B]; W0 [B,H,D,D]. ACTIVATE: P is raw,
+    activate it here. Writes Ms [T,B,H,D,D] (W as each step read it), Y [T,B,H,D] and the final
+    W_last."""
     pid = tl.program_id(0).to(tl.int64)  # b * H + h
-    b = pid // H
+    b, head = pid // H, pid % H
+    F = 3 * H * D + H if DELTA else 3 * H * D
     i = tl.arange(0, D)
     mat = i[:, None] * D + i[None, :]
     W = tl.load(W0 + pid * D * D + mat)
     for t in tl.range(0, T, num_stages=STAGES):
         row = t * B * H + pid
-        W = W * tl.load(keep + t * B + b)
+        W = W * kept(done, t, B, b)
         tl.store(Ms + row * D * D + mat, W)
-        q, k, v, beta = _load_step(X + row * (3 * D + 1), D)
+        q, k, v, beta = _load_step(P + (t * B + b) * F, head, H, D, DELTA, ACTIVATE)
         if DELTA:
             y, W = delta_step(W, q, k, v, beta)
         else:
@@ -52,35 +86,40 @@ def _fast_weight_forward(X, keep, W0, Ms, Y, W_last, T, B, H, D: tl.constexpr, D
 
 @triton.jit
 def _fast_weight_backward(
-    X, keep, Ms, gY, gW_last, gX, gW0, T, B, H, D: tl.constexpr, DELTA: tl.constexpr
-):
-    """Runs the steps backwards from the stored W; writes gX (X's layout; β's slot is 0 for the
-    linear write) and the initial state's gradient gW0."""
+    P, done, Ms, gY, gW_last, gP, gW0, T, B, H,
+    D: tl.constexpr, DELTA: tl.constexpr, ACTIVATE: tl.constexpr, FINAL: tl.constexpr,
+):  # fmt: skip
+    """Runs the steps backwards from the stored W; writes gP (P's layout; w.r.t. the raw inputs
+    when ACTIVATE) and the initial state's gradient gW0. FINAL: W_last has a gradient (else
+    zero)."""
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // H
+    b, head = pid // H, pid % H
+    F = 3 * H * D + H if DELTA else 3 * H * D
     i = tl.arange(0, D)
     mat = i[:, None] * D + i[None, :]
-    gW = tl.load(gW_last + pid * D * D + mat)
+    oq, ok, ov, ob = _step_offsets(head, H, D)
+    gW = tl.load(gW_last + pid * D * D + mat) if FINAL else tl.zeros([D, D], tl.float32)
     for n in tl.range(0, T, num_stages=STAGES):
         t = T - 1 - n
         row = t * B * H + pid
         W = tl.load(Ms + row * D * D + mat)
         gy = tl.load(gY + row * D + i)
-        x, gx = X + row * (3 * D + 1), gX + row * (3 * D + 1)
-        q, k, v, beta = _load_step(x, D)
+        p, gp = P + (t * B + b) * F, gP + (t * B + b) * F
+        q, k, v, beta = _load_step(p, head, H, D, DELTA, ACTIVATE)
         if DELTA:
             gW, gq, gk, gv, gbeta = delta_step_backward(W, gW, gy, q, k, v, beta)
+            tl.store(gp + ob, gbeta * beta * (1 - beta) if ACTIVATE else gbeta)
         else:  # y = q (W + kᵀ v): gW is also the gradient of the written matrix
             gW = gW + q[:, None] * gy[None, :]
             gq = matvec(W, gy) + k * tl.sum(v * gy, 0)
             gk = matvec(gW, v)
             gv = vecmat(k, gW)
-            gbeta = 0.0
-        tl.store(gx + i, gq)
-        tl.store(gx + D + i, gk)
-        tl.store(gx + 2 * D + i, gv)
-        tl.store(gx + 3 * D, gbeta)
-        gW = gW * tl.load(keep + t * B + b)
+        if ACTIVATE:
+            gq, gk = phi_backward(gq, tl.load(p + oq)), phi_backward(gk, tl.load(p + ok))
+        tl.store(gp + oq, gq)
+        tl.store(gp + ok, gk)
+        tl.store(gp + ov, gv)
+        gW = gW * kept(done, t, B, b)
     tl.store(gW0 + pid * D * D + mat, gW)
 
 
@@ -89,35 +128,71 @@ KERNELS = (_fast_weight_forward, _fast_weight_backward)  # what the tests compil
 
 class _FastWeightTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, done, q, k, v, beta, W0):
-        T, B, H, d = q.shape
-        delta = beta is not None
-        X = torch.cat([q, k, v, beta if delta else q.new_zeros(T, B, H, 1)], -1)
-        keep = 1 - done.to(X.dtype)
-        Ms = X.new_empty(T, B, H, d, d)
-        Y = X.new_empty(T, B, H, d)
-        W_last = X.new_empty(B, H, d, d)
+    def forward(ctx, delta, activate, num_heads, done, P, W0):
+        T, B, _ = P.shape
+        H, d = num_heads, W0.shape[-1]
+        P, done = P.contiguous(), done.contiguous()
+        Ms = P.new_empty(T, B, H, d, d)
+        Y = P.new_empty(T, B, H, d)
+        W_last = torch.empty_like(W0)
         _fast_weight_forward[(B * H,)](
-            X, keep, W0.contiguous(), Ms, Y, W_last, T, B, H,
-            D=d, DELTA=delta, num_warps=NUM_WARPS[d],
+            P, done, W0.contiguous(), Ms, Y, W_last, T, B, H,
+            D=d, DELTA=delta, ACTIVATE=activate, num_warps=NUM_WARPS[d],
         )  # fmt: skip
-        ctx.delta = delta
-        ctx.save_for_backward(X, keep, Ms)
+        ctx.delta, ctx.activate = delta, activate
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(P, done, Ms)
         return Y, W_last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY, gW_last):
-        X, keep, Ms = ctx.saved_tensors
+        P, done, Ms = ctx.saved_tensors
         T, B, H, d = Ms.shape[:4]
-        gX = torch.empty_like(X)
-        gW0 = X.new_empty(B, H, d, d)
+        gY = P.new_zeros(T, B, H, d) if gY is None else gY.contiguous()
+        (gW_last,), has_final = triton_kernels.final_state_grads((gW_last,), ((B, H, d, d),), gY)
+        gP = torch.empty_like(P)
+        gW0 = P.new_empty(B, H, d, d)
         _fast_weight_backward[(B * H,)](
-            X, keep, Ms, gY.contiguous(), gW_last.contiguous(), gX, gW0, T, B, H,
-            D=d, DELTA=ctx.delta, num_warps=NUM_WARPS[d],
+            P, done, Ms, gY, gW_last, gP, gW0, T, B, H,
+            D=d, DELTA=ctx.delta, ACTIVATE=ctx.activate, FINAL=has_final,
+            num_warps=NUM_WARPS[d],
         )  # fmt: skip
-        gq, gk, gv, gbeta = gX.split([d, d, d, 1], -1)
-        return None, gq, gk, gv, gbeta if ctx.delta else None, gW0
+        return None, None, None, None, gP, gW0
+
+
+def delta_rule_projected(
+    P: Tensor,
+    num_heads: int,
+    done: Tensor,
+    state: tuple[Tensor, ...],
+    state_grad: str = "full",
+    activate: bool = True,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The delta rule over a layer's raw slow projection P [T,B,3Hd+H] (fields q, k, v, β,
+    head-major), read in place and activated by the kernel (``activate``: φ to q, k, sigmoid to
+    β), or over activated inputs laid out so. State (W,) and result as the cores carry them;
+    gradients always flow between steps (``state_grad`` must be "full")."""
+    if state_grad != "full":
+        raise ValueError(f"the delta rule's kernels need state_grad='full', not {state_grad!r}")
+    y, W = _FastWeightTriton.apply(True, activate, num_heads, done, P.float(), state[0].float())
+    return y, (W,)
+
+
+def linear_attention_projected(
+    P: Tensor,
+    num_heads: int,
+    done: Tensor,
+    state: tuple[Tensor, ...],
+    state_grad: str = "full",
+    activate: bool = True,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``delta_rule_projected`` for the Linear Transformer: P [T,B,3Hd] (q, k, v), write
+    ``kᵀ v``."""
+    if state_grad != "full":
+        raise ValueError(f"the linear rule's kernels need state_grad='full', not {state_grad!r}")
+    y, W = _FastWeightTriton.apply(False, activate, num_heads, done, P.float(), state[0].float())
+    return y, (W,)
 
 
 def delta_rule(
@@ -125,11 +200,15 @@ def delta_rule(
 ) -> tuple[Tensor, Tensor]:
     """``fast_weights.delta_rule`` (same arguments, already checked, d_k = d_v) in f32 Triton
     kernels; on CPU tensors under ``TRITON_INTERPRET=1`` as ``triton_rdn.rdn``."""
-    return _FastWeightTriton.apply(done, *(x.float() for x in (q, k, v, beta, W)))
+    P = projection_row(q, k, v, beta)
+    y, (W,) = delta_rule_projected(P, q.shape[2], done, (W,), activate=False)
+    return y, W
 
 
 def linear_attention(
     q: Tensor, k: Tensor, v: Tensor, done: Tensor, W: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``fast_weights.linear_attention`` in the same kernels, with the write ``kᵀ v``."""
-    return _FastWeightTriton.apply(done, q.float(), k.float(), v.float(), None, W.float())
+    P = projection_row(q, k, v)
+    y, (W,) = linear_attention_projected(P, q.shape[2], done, (W,), activate=False)
+    return y, W

@@ -9,7 +9,9 @@ them without a GPU).
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
@@ -27,9 +29,46 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def usable(x: Tensor) -> bool:
-    """True when x (a recurrence input, head dim last) is on CUDA, its head dim has kernels
-    (16, 32 or 64) and triton is installed."""
+def usable(x: Tensor, head_dim: int | None = None) -> bool:
+    """True when x, a recurrence input, is on CUDA, its head dim (``head_dim``, by default x's
+    last dim) has kernels (16, 32 or 64) and triton is installed."""
     if _override.value is not None:
         return _override.value
-    return x.is_cuda and x.shape[-1] in HEAD_DIMS and triton_installed()
+    d = x.shape[-1] if head_dim is None else head_dim
+    return x.is_cuda and d in HEAD_DIMS and triton_installed()
+
+
+# core -> (kernel module, entry point reading the layer's raw slow projection in place)
+_PROJECTED = {
+    "lt": ("delta_rule", "linear_attention_projected"),
+    "delta": ("delta_rule", "delta_rule_projected"),
+    "delta_rnn": ("delta_rnn", "delta_rnn_projected"),
+    "delta_lstm": ("delta_lstm", "delta_lstm_projected"),
+}
+
+
+def projected(kind: str, state_grad: str) -> Callable | None:
+    """The kernels' entry point that reads a ``kind`` layer's raw slow projection in place and
+    activates it (imports triton), or None where there is none: rdn (its kernel takes the
+    per-head raw inputs) and the linear rules' detached variant (a torch parallel form)."""
+    if kind not in _PROJECTED or (kind in ("lt", "delta") and state_grad != "full"):
+        return None
+    module, entry = _PROJECTED[kind]
+    return getattr(importlib.import_module(f"agents.cores.triton_{module}"), entry)
+
+
+def final_state_grads(
+    grads: Sequence[Tensor | None], shapes: Sequence[Sequence[int]], like: Tensor
+) -> tuple[list[Tensor], bool]:
+    """The final state's gradients for a kernel's backward, and whether there are any.
+
+    The kernels' autograd Functions leave unused outputs' gradients as None (the learner's loss
+    never uses the final state), so when all are None the backward fills nothing and hands the
+    kernel ``like`` as a placeholder it does not read; otherwise the missing ones are zeros.
+    """
+    if all(g is None for g in grads):
+        return [like] * len(grads), False
+    return [
+        like.new_zeros(shape) if g is None else g.contiguous()
+        for g, shape in zip(grads, shapes, strict=True)
+    ], True

@@ -16,6 +16,12 @@ STAGES = tl.constexpr(2)
 
 
 @triton.jit
+def kept(done, t, B, b):
+    """``1 − done[t, b]`` as f32 (done: [T,B] bool): the reset rule's factor (DESIGN §2)."""
+    return 1.0 - tl.load(done + t * B + b).to(tl.float32)
+
+
+@triton.jit
 def tanh(x):
     """tanh through the sigmoid (libdevice's tanh has no interpreter implementation)."""
     return 2 * tl.sigmoid(2 * x) - 1
@@ -72,45 +78,89 @@ def delta_step_backward(M, gM, gy, q, k, v, beta):
 
 
 @triton.jit
-def _load_dual_step(x, D: tl.constexpr):
-    """The inputs of one step's two delta steps, on W and on R: q, k, v, β, k̃, ṽ, β̃ from x, a row
-    laid out [q | k | v | β | k̃ | ṽ | β̃] (5D + 2 floats)."""
+def phi(x):
+    """The paper's key/query map ``(elu(x)+1) / (Σ (elu(x)+1) + 1e-5)`` (``fast_weights.phi``)."""
+    p = tl.where(x > 0, x + 1, tl.exp(x))
+    return p / (tl.sum(p, 0) + 1e-5)
+
+
+@triton.jit
+def phi_backward(g, x):
+    """Gradient w.r.t. x of ``phi(x)`` given the gradient g w.r.t. its output."""
+    p = tl.where(x > 0, x + 1, tl.exp(x))
+    norm = tl.sum(p, 0) + 1e-5
+    gp = (g - tl.sum(g * p, 0) / norm) / norm
+    return gp * tl.where(x > 0, 1.0, p)
+
+
+@triton.jit
+def _key_map(x, PHI: tl.constexpr):
+    """The activation of the main queries and keys: φ (Delta LSTM) or softmax (Delta RNN)."""
+    return phi(x) if PHI else softmax(x)
+
+
+@triton.jit
+def _key_map_backward(g, x, PHI: tl.constexpr):
+    return phi_backward(g, x) if PHI else softmax_backward(g, softmax(x))
+
+
+@triton.jit
+def _dual_offsets(slot, NS, D: tl.constexpr):
+    """Offsets of one slot's q, k, v, β, k̃, ṽ, β̃ in a projection row: seven fields one after
+    the other, each NS slots (head, or head × gate) of D floats (β, β̃: of 1 float)."""
     i = tl.arange(0, D)
-    q, k, v, beta = tl.load(x + i), tl.load(x + D + i), tl.load(x + 2 * D + i), tl.load(x + 3 * D)
-    rk, rv, rbeta = tl.load(x + 3 * D + 1 + i), tl.load(x + 4 * D + 1 + i), tl.load(x + 5 * D + 1)
+    vec = slot * D + i
+    return (
+        vec, NS * D + vec, 2 * NS * D + vec, 3 * NS * D + slot,
+        3 * NS * D + NS + vec, 4 * NS * D + NS + vec, 5 * NS * D + NS + slot,
+    )  # fmt: skip
+
+
+@triton.jit
+def _load_dual_step(p, slot, NS, D: tl.constexpr, ACTIVATE: tl.constexpr, PHI: tl.constexpr):
+    """The inputs of one step's two delta steps, on W and on R: q, k, v, β, k̃, ṽ, β̃ of one slot
+    of the projection row at p (``_dual_offsets``), activated here when ACTIVATE."""
+    oq, ok, ov, ob, ork, orv, orb = _dual_offsets(slot, NS, D)
+    q, k, v, beta = tl.load(p + oq), tl.load(p + ok), tl.load(p + ov), tl.load(p + ob)
+    rk, rv, rbeta = tl.load(p + ork), tl.load(p + orv), tl.load(p + orb)
+    if ACTIVATE:
+        q, k, beta = _key_map(q, PHI), _key_map(k, PHI), tl.sigmoid(beta)
+        rk, rbeta = softmax(rk), tl.sigmoid(rbeta)
     return q, k, v, beta, rk, rv, rbeta
 
 
 @triton.jit
-def _store_dual_step(x, q, k, v, beta, rk, rv, rbeta, D: tl.constexpr):
-    """Write a row in ``_load_dual_step``'s layout."""
-    i = tl.arange(0, D)
-    tl.store(x + i, q)
-    tl.store(x + D + i, k)
-    tl.store(x + 2 * D + i, v)
-    tl.store(x + 3 * D, beta)
-    tl.store(x + 3 * D + 1 + i, rk)
-    tl.store(x + 4 * D + 1 + i, rv)
-    tl.store(x + 5 * D + 1, rbeta)
-
-
-@triton.jit
-def dual_step(W, R, s, x, D: tl.constexpr):
+def dual_step(W, R, s, p, slot, NS, D: tl.constexpr, ACTIVATE: tl.constexpr, PHI: tl.constexpr):
     """The Delta RNN's step (and each Delta LSTM gate's): ``DS(W; q,k,v,β) + DS(R; s,k̃,ṽ,β̃)``
-    with the inputs at x (``_load_dual_step``'s layout); returns the summed read, W and R."""
-    q, k, v, beta, rk, rv, rbeta = _load_dual_step(x, D)
+    with the inputs of ``_load_dual_step``; returns the summed read, W and R."""
+    q, k, v, beta, rk, rv, rbeta = _load_dual_step(p, slot, NS, D, ACTIVATE, PHI)
     z, W = delta_step(W, q, k, v, beta)
     r, R = delta_step(R, s, rk, rv, rbeta)
     return z + r, W, R
 
 
 @triton.jit
-def dual_step_backward(W, R, gW, gR, g, s, x, gx, D: tl.constexpr):
+def dual_step_backward(
+    W, R, gW, gR, g, s, p, gp, slot, NS, D: tl.constexpr, ACTIVATE: tl.constexpr,
+    PHI: tl.constexpr,
+):  # fmt: skip
     """Backward of ``dual_step`` from the W and R it read, given g (gradient of the read) and
-    gW, gR (of the written matrices). Writes the inputs' gradients to gx in x's layout; returns
-    the gradients w.r.t. W, R and s."""
-    q, k, v, beta, rk, rv, rbeta = _load_dual_step(x, D)
+    gW, gR (of the written matrices). Writes the inputs' gradients (w.r.t. the raw inputs when
+    ACTIVATE) to the row gp, at the offsets of p; returns the gradients w.r.t. W, R and s."""
+    q, k, v, beta, rk, rv, rbeta = _load_dual_step(p, slot, NS, D, ACTIVATE, PHI)
     gW, gq, gk, gv, gbeta = delta_step_backward(W, gW, g, q, k, v, beta)
     gR, gs, grk, grv, grbeta = delta_step_backward(R, gR, g, s, rk, rv, rbeta)
-    _store_dual_step(gx, gq, gk, gv, gbeta, grk, grv, grbeta, D)
+    oq, ok, ov, ob, ork, orv, orb = _dual_offsets(slot, NS, D)
+    if ACTIVATE:
+        gq = _key_map_backward(gq, tl.load(p + oq), PHI)
+        gk = _key_map_backward(gk, tl.load(p + ok), PHI)
+        gbeta, grk = gbeta * beta * (1 - beta), softmax_backward(grk, rk)
+        grbeta = grbeta * rbeta * (1 - rbeta)
+    tl.store(gp + oq, gq)
+    tl.store(gp + ok, gk)
+    tl.store(gp + ov, gv)
+    tl.store(gp + ob, gbeta)
+    tl.store(gp + ork, grk)
+    tl.store(gp + orv, grv)
+    tl.store(gp + orb, grbeta)
     return gW, gR, gs

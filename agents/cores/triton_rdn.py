@@ -17,10 +17,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from agents.cores import triton_kernels
 from agents.cores.triton_ops import (
     STAGES,
     delta_step,
     delta_step_backward,
+    kept,
     softmax,
     softmax_backward,
     tanh,
@@ -55,9 +57,10 @@ def _load_slow(Rq, Rk, Rv, rb, h, D: tl.constexpr):
 
 
 @triton.jit
-def _rdn_forward(X, Rq, Rk, Rv, rb, keep, W0, y0, Ws, Ys, W_last, T, B, H, D: tl.constexpr):
-    """X [T,B,H,3D+1]; keep [T,B]; W0 [B,H,D,D]; y0 [B,H,D]. Writes Ws [T,B,H,D,D] (the matrix
-    each step read), Ys [T+1,B,H,D] (y0, then every step's y) and W_last [B,H,D,D]."""
+def _rdn_forward(X, Rq, Rk, Rv, rb, done, W0, y0, Ws, Ys, W_last, y_last, T, B, H, D: tl.constexpr):
+    """X [T,B,H,3D+1]; done [T,B]; W0 [B,H,D,D]; y0 [B,H,D]. Writes Ws [T,B,H,D,D] (the matrix
+    each step read), Ys [T+1,B,H,D] (y0, then every step's y) and the final state W_last
+    [B,H,D,D], y_last [B,H,D]."""
     pid = tl.program_id(0).to(tl.int64)  # b * H + h
     b, h = pid // H, pid % H
     i = tl.arange(0, D)
@@ -68,23 +71,25 @@ def _rdn_forward(X, Rq, Rk, Rv, rb, keep, W0, y0, Ws, Ys, W_last, T, B, H, D: tl
     tl.store(Ys + pid * D + i, y)
     for t in tl.range(0, T, num_stages=STAGES):
         row = t * B * H + pid
-        a = tl.load(keep + t * B + b)
+        a = kept(done, t, B, b)
         W, y = W * a, y * a
         tl.store(Ws + row * D * D + mat, W)
         _, q, k, v, beta = _step_inputs(X + row * (3 * D + 1), Rq_, Rk_, Rv_, rb_, y, D)
         y, W = delta_step(W, q, k, v, beta)
         tl.store(Ys + (row + B * H) * D + i, y)
     tl.store(W_last + pid * D * D + mat, W)
+    tl.store(y_last + pid * D + i, y)
 
 
 @triton.jit
 def _rdn_backward(
-    X, Rq, Rk, Rv, rb, keep, Ws, Ys, gY, gW_last, gy_last, gX, S, gW0, gy0,
-    T, B, H, STEPS, D: tl.constexpr, FULL: tl.constexpr,
+    X, Rq, Rk, Rv, rb, done, Ws, Ys, gY, gW_last, gy_last, gX, S, gW0, gy0,
+    T, B, H, STEPS, D: tl.constexpr, FULL: tl.constexpr, FINAL: tl.constexpr,
 ):  # fmt: skip
     """Program (b·H + h, c) runs steps [c·STEPS, (c+1)·STEPS) backwards. Writes gX (gradients
     w.r.t. the raw inputs, X's layout), S = tanh(y_{t-1}) per step and, from the program holding
-    step 0, the initial state's gradients gW0, gy0. FULL: gradients flow between steps."""
+    step 0, the initial state's gradients gW0, gy0. FULL: gradients flow between steps. FINAL: the
+    final state has gradients (else zero)."""
     pid = tl.program_id(0).to(tl.int64)
     b, h = pid // H, pid % H
     lo = tl.program_id(1) * STEPS
@@ -92,13 +97,16 @@ def _rdn_backward(
     i = tl.arange(0, D)
     mat = i[:, None] * D + i[None, :]
     Rq_, Rk_, Rv_, rb_ = _load_slow(Rq, Rk, Rv, rb, h, D)
-    last = (hi == T).to(tl.float32)  # the unroll's last step also gets the final state's gradient
-    gW = tl.load(gW_last + pid * D * D + mat) * last
-    gy = tl.load(gy_last + pid * D + i) * last
+    if FINAL:  # the unroll's last step also gets the final state's gradient
+        last = (hi == T).to(tl.float32)
+        gW = tl.load(gW_last + pid * D * D + mat) * last
+        gy = tl.load(gy_last + pid * D + i) * last
+    else:
+        gW, gy = tl.zeros([D, D], tl.float32), tl.zeros([D], tl.float32)
     for n in tl.range(0, hi - lo, num_stages=STAGES):
         t = hi - 1 - n
         row = t * B * H + pid
-        a = tl.load(keep + t * B + b)
+        a = kept(done, t, B, b)
         x = X + row * (3 * D + 1)
         W = tl.load(Ws + row * D * D + mat)
         s, q, k, v, beta = _step_inputs(x, Rq_, Rk_, Rv_, rb_, tl.load(Ys + row * D + i) * a, D)
@@ -131,31 +139,35 @@ class _RDNTriton(torch.autograd.Function):
         T, B, H, d = qx.shape
         X = torch.cat([qx, kx, vx, bx], -1)
         slow = tuple(p.contiguous() for p in (Rq, Rk, Rv, rb))
-        keep = 1 - done.to(X.dtype)
+        done = done.contiguous()
         Ws = X.new_empty(T, B, H, d, d)
         Ys = X.new_empty(T + 1, B, H, d)
-        W_last = X.new_empty(B, H, d, d)
+        W_last, y_last = torch.empty_like(W0), torch.empty_like(y0)
         _rdn_forward[(B * H,)](
-            X, *slow, keep, W0.contiguous(), y0.contiguous(), Ws, Ys, W_last, T, B, H,
+            X, *slow, done, W0.contiguous(), y0.contiguous(), Ws, Ys, W_last, y_last, T, B, H,
             D=d, num_warps=NUM_WARPS[d],
         )  # fmt: skip
         ctx.state_grad = state_grad
-        ctx.save_for_backward(X, *slow, keep, Ws, Ys)
-        return Ys[1:], W_last, Ys[T].clone()
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(X, *slow, done, Ws, Ys)
+        return Ys[1:], W_last, y_last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY, gW_last, gy_last):
-        X, Rq, Rk, Rv, rb, keep, Ws, Ys = ctx.saved_tensors
+        X, Rq, Rk, Rv, rb, done, Ws, Ys = ctx.saved_tensors
         T, B, H, d = Ys.shape[0] - 1, *Ys.shape[1:]
+        gY = Ys[1:].new_zeros(Ys[1:].shape) if gY is None else gY.contiguous()
+        final, has_final = triton_kernels.final_state_grads(
+            (gW_last, gy_last), ((B, H, d, d), (B, H, d)), gY
+        )
         gX, S = torch.empty_like(X), X.new_empty(T, B, H, d)
         gW0, gy0 = X.new_empty(B, H, d, d), X.new_empty(B, H, d)
         full = ctx.state_grad == "full"
         steps = T if full else 1
         _rdn_backward[(B * H, triton.cdiv(T, steps))](
-            X, Rq, Rk, Rv, rb, keep, Ws, Ys, gY.contiguous(), gW_last.contiguous(),
-            gy_last.contiguous(), gX, S, gW0, gy0, T, B, H, steps,
-            D=d, FULL=full, num_warps=NUM_WARPS[d],
+            X, Rq, Rk, Rv, rb, done, Ws, Ys, gY, *final, gX, S, gW0, gy0, T, B, H, steps,
+            D=d, FULL=full, FINAL=has_final, num_warps=NUM_WARPS[d],
         )  # fmt: skip
         gP = torch.einsum("tbhi,tbhj->hij", S, gX)  # pre = x + s [R_q | R_k | R_v | r_b]
         return (
