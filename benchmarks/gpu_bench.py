@@ -5,7 +5,8 @@ Runs on a bare GPU host (torch only; no gymnasium/ale-py needed). One JSON objec
     gradients, with resets inside the unroll), and CUDA fast vs CPU fast;
   - core: fwd+bwd ms at T=50/B=32 (paper) and T=512/B=32 for fast and reference impls, next to
     cuDNN nn.LSTM(257, 256); the fast impl is the fused Triton kernels (when triton is
-    installed), timed next to the torch fast path they replace;
+    installed), timed next to the torch fast path they replace and, for the layers whose
+    kernels read the raw projection in place, next to the split route (activations as torch ops);
   - recurrence: the same comparison for one layer's recurrence alone (H=4, d=32), no block;
   - profile: device activities per core fwd+bwd (T=50), their device time against the wall
     time (how launch-bound each core is);
@@ -185,8 +186,9 @@ def graphed_time(name: str, t: int, b: int, seconds: float) -> float:
 
 
 def launch_profile(name: str, t: int, b: int, calls: int = 5) -> None:
-    """Device activities (kernels, copies, fills) per fwd+bwd and their summed device time,
-    against the wall time: how launch-bound a core is."""
+    """Device activities (kernels, copies, fills) per fwd+bwd and their summed device time: set
+    against the core check's fwd+bwd time, how launch-bound a core is. The wall time under the
+    profiler is reported too, but the profiler inflates it (cuDNN's LSTM most)."""
     step = core_step(name, "fast", t, b)
     for _ in range(2):
         step()

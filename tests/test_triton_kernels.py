@@ -250,6 +250,18 @@ def test_kernels_compile_for_sm90(name):
                 )
 
 
+def test_projected_entry_points():
+    """The layers that hand the kernels their raw projection, and the two that cannot: rdn (its
+    feedback enters before the activations) and the linear rules' detached variant."""
+    for kind in ("lt", "delta", "delta_rnn", "delta_lstm"):
+        assert triton_kernels.projected(kind, "full").__name__.endswith("_projected")
+    for kind in ("delta_rnn", "delta_lstm"):
+        assert triton_kernels.projected(kind, "none") is not None
+    assert triton_kernels.projected("rdn", "full") is None
+    assert triton_kernels.projected("lt", "none") is None
+    assert triton_kernels.projected("delta", "none") is None
+
+
 @pytest.mark.parametrize("name", list(ARG_NAMES))
 def test_impl_fast_dispatch(name):
     """CPU tensors keep the CPU fast path (the C kernels where built, else torch); CUDA
