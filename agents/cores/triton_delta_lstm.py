@@ -206,20 +206,9 @@ class _DeltaLSTMTriton(torch.autograd.Function):
         return None, None, None, None, gP, gW0, gR0, gh0, gc0
 
 
-def delta_lstm_projected(
-    P: Tensor,
-    num_heads: int,
-    done: Tensor,
-    state: tuple[Tensor, ...],
-    state_grad: str = "full",
-    activate: bool = True,
-) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """``cpu_recurrences.delta_lstm_projected`` (same arguments and result) in f32 Triton
-    kernels, as ``triton_delta_rnn.delta_rnn_projected``."""
-    y, W, R, h, c = _DeltaLSTMTriton.apply(
-        state_grad, activate, num_heads, done, P.float(), *(s.float() for s in state)
-    )
-    return y, (W, R, h, c)
+# ``cpu_recurrences.delta_lstm_projected`` in f32 Triton kernels: the layer's raw slow projection
+# read in place and activated by the kernel, or activated inputs laid out as such a row.
+delta_lstm_projected = triton_kernels.projected_entry(_DeltaLSTMTriton)
 
 
 def delta_lstm(

@@ -146,21 +146,9 @@ class _DeltaRNNTriton(torch.autograd.Function):
         return None, None, None, None, gP, gW0, gR0, gy0
 
 
-def delta_rnn_projected(
-    P: Tensor,
-    num_heads: int,
-    done: Tensor,
-    state: tuple[Tensor, ...],
-    state_grad: str = "full",
-    activate: bool = True,
-) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """``cpu_recurrences.delta_rnn_projected`` (same arguments and result) in f32 Triton kernels:
-    the Delta RNN over a layer's raw slow projection P, read in place and activated by the
-    kernel (``activate``), or over activated inputs laid out as such a row."""
-    y, W, R, y_last = _DeltaRNNTriton.apply(
-        state_grad, activate, num_heads, done, P.float(), *(s.float() for s in state)
-    )
-    return y, (W, R, y_last)
+# ``cpu_recurrences.delta_rnn_projected`` in f32 Triton kernels: the layer's raw slow projection
+# read in place and activated by the kernel, or activated inputs laid out as such a row.
+delta_rnn_projected = triton_kernels.projected_entry(_DeltaRNNTriton)
 
 
 def delta_rnn(

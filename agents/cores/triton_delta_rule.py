@@ -13,6 +13,8 @@ inputs laid out so.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -161,38 +163,28 @@ class _FastWeightTriton(torch.autograd.Function):
         return None, None, None, None, gP, gW0
 
 
-def delta_rule_projected(
+def fast_weight_projected(
     P: Tensor,
     num_heads: int,
     done: Tensor,
     state: tuple[Tensor, ...],
     state_grad: str = "full",
     activate: bool = True,
+    delta: bool = True,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """The delta rule over a layer's raw slow projection P [T,B,3Hd+H] (fields q, k, v, β,
-    head-major), read in place and activated by the kernel (``activate``: φ to q, k, sigmoid to
-    β), or over activated inputs laid out so. State (W,) and result as the cores carry them;
-    gradients always flow between steps (``state_grad`` must be "full")."""
+    """The delta rule (``delta``) or the Linear Transformer's rule over a layer's raw slow
+    projection P [T,B,3Hd+H] (fields q, k, v, β, head-major; no β for the linear rule), read in
+    place and activated by the kernel (``activate``: φ to q, k, sigmoid to β), or over activated
+    inputs laid out so. State (W,) and result as the cores carry them; gradients always flow
+    between steps (``state_grad`` must be "full")."""
     if state_grad != "full":
-        raise ValueError(f"the delta rule's kernels need state_grad='full', not {state_grad!r}")
-    y, W = _FastWeightTriton.apply(True, activate, num_heads, done, P.float(), state[0].float())
+        raise ValueError(f"the linear rules' kernels need state_grad='full', not {state_grad!r}")
+    y, W = _FastWeightTriton.apply(delta, activate, num_heads, done, P.float(), state[0].float())
     return y, (W,)
 
 
-def linear_attention_projected(
-    P: Tensor,
-    num_heads: int,
-    done: Tensor,
-    state: tuple[Tensor, ...],
-    state_grad: str = "full",
-    activate: bool = True,
-) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """``delta_rule_projected`` for the Linear Transformer: P [T,B,3Hd] (q, k, v), write
-    ``kᵀ v``."""
-    if state_grad != "full":
-        raise ValueError(f"the linear rule's kernels need state_grad='full', not {state_grad!r}")
-    y, W = _FastWeightTriton.apply(False, activate, num_heads, done, P.float(), state[0].float())
-    return y, (W,)
+delta_rule_projected = functools.partial(fast_weight_projected, delta=True)
+linear_attention_projected = functools.partial(fast_weight_projected, delta=False)
 
 
 def delta_rule(

@@ -57,6 +57,26 @@ def projected(kind: str, state_grad: str) -> Callable | None:
     return getattr(importlib.import_module(f"agents.cores.triton_{module}"), entry)
 
 
+def projected_entry(function: type) -> Callable:
+    """The ``*_projected`` entry point (``cpu_recurrences.delta_rnn_projected``'s arguments and
+    result) over a kernels' autograd Function applied as ``(state_grad, activate, num_heads,
+    done, P, *state)``, in f32."""
+
+    def entry(
+        P: Tensor,
+        num_heads: int,
+        done: Tensor,
+        state: tuple[Tensor, ...],
+        state_grad: str = "full",
+        activate: bool = True,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        floats = (s.float() for s in state)
+        y, *final = function.apply(state_grad, activate, num_heads, done, P.float(), *floats)
+        return y, tuple(final)
+
+    return entry
+
+
 def final_state_grads(
     grads: Sequence[Tensor | None], shapes: Sequence[Sequence[int]], like: Tensor
 ) -> tuple[list[Tensor], bool]:
