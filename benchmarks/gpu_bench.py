@@ -294,11 +294,8 @@ def main() -> None:
                 with triton_kernels.forced(False):
                     extra["torch_fast_ms"] = core_time(name, "fast", t, 32, seconds)
                 extra["triton_speedup_vs_torch_fast"] = extra["torch_fast_ms"] / fast_ms
-                if name != "rdn":
-                    with split_projection():
-                        extra["triton_split_projection_ms"] = core_time(
-                            name, "fast", t, 32, seconds
-                        )
+                with split_projection():
+                    extra["triton_split_projection_ms"] = core_time(name, "fast", t, 32, seconds)
             emit(
                 check="core",
                 core=name,

@@ -121,7 +121,7 @@ def errors(name: str, state_grad: str, d: int, device: str) -> dict[str, float]:
 def core_errors(name: str, device: str, state_grad: str = "full") -> dict:
     """|kernels − torch fast path| / max(1, |torch fast path|) of a whole one-layer core (the
     dispatch from ``impl="fast"``: the raw projection read in place and activated by the
-    kernels, or rdn's strided per-head inputs): output, final state, gradients w.r.t. the input,
+    kernels): output, final state, gradients w.r.t. the input,
     the initial state and every parameter; and per run, whether it used the kernels and whether
     the projection stayed whole (no split into fields)."""
     T, B = 5, 2
@@ -213,8 +213,7 @@ def test_core_matches_torch_fast_path(results, name):
     worst, paths = results[f"core-{name}"]["worst"], results[f"core-{name}"]["paths"]
     (torch_kernels, _), (kernels, in_place) = paths
     assert (torch_kernels, kernels) == (False, True), f"{name} core: kernels used in {paths}"
-    # every layer but rdn's hands the kernels its projection whole; rdn's splits it
-    assert in_place == (not name.startswith("rdn")), f"{name} core: projection read in place?"
+    assert in_place, f"{name} core: the projection was split before the kernels"
     assert worst <= TOLERANCE, f"{name} core: kernels vs torch fast path, relative error {worst}"
 
 
@@ -251,13 +250,12 @@ def test_kernels_compile_for_sm90(name):
 
 
 def test_projected_entry_points():
-    """The layers that hand the kernels their raw projection, and the two that cannot: rdn (its
-    feedback enters before the activations) and the linear rules' detached variant."""
-    for kind in ("lt", "delta", "delta_rnn", "delta_lstm"):
+    """Every layer hands the kernels its raw projection, but the linear rules' detached variant
+    (a torch parallel form)."""
+    for kind in ("lt", "delta", "delta_rnn", "delta_lstm", "rdn"):
         assert callable(triton_kernels.projected(kind, "full"))
-    for kind in ("delta_rnn", "delta_lstm"):
-        assert triton_kernels.projected(kind, "none") is not None
-    assert triton_kernels.projected("rdn", "full") is None
+    for kind in ("delta_rnn", "delta_lstm", "rdn"):
+        assert callable(triton_kernels.projected(kind, "none"))
     assert triton_kernels.projected("lt", "none") is None
     assert triton_kernels.projected("delta", "none") is None
 

@@ -8,6 +8,7 @@ how to call the recurrence of ``agents.cores.fast_weights``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -219,7 +220,10 @@ class FastWeightLayer(nn.Module):
         if self.impl != "fast":
             return None
         if triton_kernels.usable(projected, self.head_dim):
-            return triton_kernels.projected(self.kind, self.state_grad)
+            entry = triton_kernels.projected(self.kind, self.state_grad)
+            if entry is not None and self.kind == "rdn":
+                return functools.partial(entry, weights=self._feedback())
+            return entry
         if self.kind in cpu_recurrences.PROJECTED and cpu_kernels.usable(projected, self.head_dim):
             return cpu_recurrences.PROJECTED[self.kind]
         return None
@@ -235,10 +239,13 @@ class FastWeightLayer(nn.Module):
             else:
                 y, W = fw.delta_rule(*inputs, done, state[0], impl=self.impl)
             return y, (W,)
-        if self.kind == "rdn":
-            inputs = [*inputs, self.Rq, self.Rk, self.Rv, self.rb]
         fn = getattr(fw, self.kind)
+        inputs = [*inputs, *self._feedback()]
         return fn(*inputs, done, state, impl=self.impl, state_grad=self.state_grad)
+
+    def _feedback(self) -> tuple[torch.Tensor, ...]:
+        """rdn's slow feedback weights (R_q, R_k, R_v, r_b); none for the other kinds."""
+        return (self.Rq, self.Rk, self.Rv, self.rb) if self.kind == "rdn" else ()
 
 
 class FWPCore(nn.Module):

@@ -44,13 +44,14 @@ _PROJECTED = {
     "delta": ("delta_rule", "delta_rule_projected"),
     "delta_rnn": ("delta_rnn", "delta_rnn_projected"),
     "delta_lstm": ("delta_lstm", "delta_lstm_projected"),
+    "rdn": ("rdn", "rdn_projected"),
 }
 
 
 def projected(kind: str, state_grad: str) -> Callable | None:
     """The kernels' entry point that reads a ``kind`` layer's raw slow projection in place and
-    activates it (imports triton), or None where there is none: rdn (its kernel takes the
-    per-head raw inputs) and the linear rules' detached variant (a torch parallel form)."""
+    activates it (imports triton), or None where there is none: the linear rules' detached
+    variant (a torch parallel form)."""
     if kind not in _PROJECTED or (kind in ("lt", "delta") and state_grad != "full"):
         return None
     module, entry = _PROJECTED[kind]
@@ -59,8 +60,9 @@ def projected(kind: str, state_grad: str) -> Callable | None:
 
 def projected_entry(function: type) -> Callable:
     """The ``*_projected`` entry point (``cpu_recurrences.delta_rnn_projected``'s arguments and
-    result) over a kernels' autograd Function applied as ``(state_grad, activate, num_heads,
-    done, P, *state)``, in f32."""
+    result, and ``weights``: the recurrence's slow weights, rdn's R_q, R_k, R_v, r_b) over a
+    kernels' autograd Function applied as ``(state_grad, activate, num_heads, done, P,
+    *weights, *state)``, in f32."""
 
     def entry(
         P: Tensor,
@@ -69,8 +71,9 @@ def projected_entry(function: type) -> Callable:
         state: tuple[Tensor, ...],
         state_grad: str = "full",
         activate: bool = True,
+        weights: tuple[Tensor, ...] = (),
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        floats = (s.float() for s in state)
+        floats = (x.float() for x in (*weights, *state))
         y, *final = function.apply(state_grad, activate, num_heads, done, P.float(), *floats)
         return y, tuple(final)
 

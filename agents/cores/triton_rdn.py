@@ -2,12 +2,14 @@
 
 Forward: one launch per layer runs all T steps; program (b, h) keeps W_{b,h} and R_q, R_k, R_v,
 r_b of head h in registers, reads each step's raw inputs and applies the reset rule of DESIGN §2.
+The raw inputs come as a projection row [T,B,3Hd+H] (``cpu_recurrences.projection_row``'s
+layout), so a layer's slow projection is read in place, as the other kernels read theirs.
 It stores the matrix each step read (after its reset) — T·B·H·d² floats, 26 MB per layer at
 the paper shapes — so the backward needs neither a recomputation pass nor the CPU path's
 rewind: it reloads W_{t-1}, recomputes the step's vectors from it and y_{t-1} (cheap), and runs
 backwards in time. Under ``state_grad="none"`` the steps' gradients do not depend on each other,
 so the backward runs one program per (b, h, t). The gradient of the shared R_q, R_k, R_v, r_b is
-one batched product outside the kernel, ``Σ_{t,b} sᵀ g_pre`` (deterministic).
+two batched products outside the kernel, ``Σ_{t,b} sᵀ g_pre`` (deterministic).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from agents.cores import triton_kernels
+from agents.cores.cpu_recurrences import projection_row
 from agents.cores.triton_ops import (
     STAGES,
     delta_step,
@@ -35,17 +38,17 @@ NUM_WARPS = {16: 1, 32: 4, 64: 8}
 
 
 @triton.jit
-def _step_inputs(x, Rq, Rk, Rv, rb, y, D: tl.constexpr):
-    """The feedback s = tanh(y_{t-1}) and the activated q, k, v, β of one step.
+def _step_inputs(p, h, H, Rq, Rk, Rv, rb, y, D: tl.constexpr):
+    """The feedback s = tanh(y_{t-1}) and head h's activated q, k, v, β at one step.
 
-    x points at the step's raw inputs [q_x | k_x | v_x | b_x] (3d + 1 floats).
+    p points at the step's projection row [q_x | k_x | v_x | b_x], each field head-major.
     """
     i = tl.arange(0, D)
     s = tanh(y)
-    q = softmax(tl.load(x + i) + vecmat(s, Rq))
-    k = softmax(tl.load(x + D + i) + vecmat(s, Rk))
-    v = tl.load(x + 2 * D + i) + vecmat(s, Rv)
-    beta = tl.sigmoid(tl.load(x + 3 * D) + tl.sum(s * rb, 0))
+    q = softmax(tl.load(p + h * D + i) + vecmat(s, Rq))
+    k = softmax(tl.load(p + (H + h) * D + i) + vecmat(s, Rk))
+    v = tl.load(p + (2 * H + h) * D + i) + vecmat(s, Rv)
+    beta = tl.sigmoid(tl.load(p + 3 * H * D + h) + tl.sum(s * rb, 0))
     return s, q, k, v, beta
 
 
@@ -57,12 +60,13 @@ def _load_slow(Rq, Rk, Rv, rb, h, D: tl.constexpr):
 
 
 @triton.jit
-def _rdn_forward(X, Rq, Rk, Rv, rb, done, W0, y0, Ws, Ys, W_last, y_last, T, B, H, D: tl.constexpr):
-    """X [T,B,H,3D+1]; done [T,B]; W0 [B,H,D,D]; y0 [B,H,D]. Writes Ws [T,B,H,D,D] (the matrix
-    each step read), Ys [T+1,B,H,D] (y0, then every step's y) and the final state W_last
-    [B,H,D,D], y_last [B,H,D]."""
+def _rdn_forward(P, Rq, Rk, Rv, rb, done, W0, y0, Ws, Ys, W_last, y_last, T, B, H, D: tl.constexpr):
+    """P [T,B,3HD+H] (raw fields q_x, k_x, v_x, b_x, head-major); done [T,B]; W0 [B,H,D,D];
+    y0 [B,H,D]. Writes Ws [T,B,H,D,D] (the matrix each step read), Ys [T+1,B,H,D] (y0, then
+    every step's y) and the final state W_last [B,H,D,D], y_last [B,H,D]."""
     pid = tl.program_id(0).to(tl.int64)  # b * H + h
     b, h = pid // H, pid % H
+    F = 3 * H * D + H
     i = tl.arange(0, D)
     mat = i[:, None] * D + i[None, :]
     Rq_, Rk_, Rv_, rb_ = _load_slow(Rq, Rk, Rv, rb, h, D)
@@ -74,7 +78,8 @@ def _rdn_forward(X, Rq, Rk, Rv, rb, done, W0, y0, Ws, Ys, W_last, y_last, T, B, 
         a = kept(done, t, B, b)
         W, y = W * a, y * a
         tl.store(Ws + row * D * D + mat, W)
-        _, q, k, v, beta = _step_inputs(X + row * (3 * D + 1), Rq_, Rk_, Rv_, rb_, y, D)
+        p = P + (t * B + b) * F
+        _, q, k, v, beta = _step_inputs(p, h, H, Rq_, Rk_, Rv_, rb_, y, D)
         y, W = delta_step(W, q, k, v, beta)
         tl.store(Ys + (row + B * H) * D + i, y)
     tl.store(W_last + pid * D * D + mat, W)
@@ -83,15 +88,16 @@ def _rdn_forward(X, Rq, Rk, Rv, rb, done, W0, y0, Ws, Ys, W_last, y_last, T, B, 
 
 @triton.jit
 def _rdn_backward(
-    X, Rq, Rk, Rv, rb, done, Ws, Ys, gY, gW_last, gy_last, gX, S, gW0, gy0,
+    P, Rq, Rk, Rv, rb, done, Ws, Ys, gY, gW_last, gy_last, gP, S, gW0, gy0,
     T, B, H, STEPS, D: tl.constexpr, FULL: tl.constexpr, FINAL: tl.constexpr,
 ):  # fmt: skip
-    """Program (b·H + h, c) runs steps [c·STEPS, (c+1)·STEPS) backwards. Writes gX (gradients
-    w.r.t. the raw inputs, X's layout), S = tanh(y_{t-1}) per step and, from the program holding
+    """Program (b·H + h, c) runs steps [c·STEPS, (c+1)·STEPS) backwards. Writes gP (gradients
+    w.r.t. the raw inputs, P's layout), S = tanh(y_{t-1}) per step and, from the program holding
     step 0, the initial state's gradients gW0, gy0. FULL: gradients flow between steps. FINAL: the
     final state has gradients (else zero)."""
     pid = tl.program_id(0).to(tl.int64)
     b, h = pid // H, pid % H
+    F = 3 * H * D + H
     lo = tl.program_id(1) * STEPS
     hi = tl.minimum(lo + STEPS, T)
     i = tl.arange(0, D)
@@ -107,17 +113,17 @@ def _rdn_backward(
         t = hi - 1 - n
         row = t * B * H + pid
         a = kept(done, t, B, b)
-        x = X + row * (3 * D + 1)
+        p, gp = P + (t * B + b) * F, gP + (t * B + b) * F
         W = tl.load(Ws + row * D * D + mat)
-        s, q, k, v, beta = _step_inputs(x, Rq_, Rk_, Rv_, rb_, tl.load(Ys + row * D + i) * a, D)
+        y = tl.load(Ys + row * D + i) * a
+        s, q, k, v, beta = _step_inputs(p, h, H, Rq_, Rk_, Rv_, rb_, y, D)
         gy += tl.load(gY + row * D + i)
         gW, gq, gk, gv, gbeta = delta_step_backward(W, gW, gy, q, k, v, beta)
         gq, gk, gb = softmax_backward(gq, q), softmax_backward(gk, k), gbeta * beta * (1 - beta)
-        gx = gX + row * (3 * D + 1)
-        tl.store(gx + i, gq)
-        tl.store(gx + D + i, gk)
-        tl.store(gx + 2 * D + i, gv)
-        tl.store(gx + 3 * D, gb)
+        tl.store(gp + h * D + i, gq)
+        tl.store(gp + (H + h) * D + i, gk)
+        tl.store(gp + (2 * H + h) * D + i, gv)
+        tl.store(gp + 3 * H * D + h, gb)
         tl.store(S + row * D + i, s)
         gs = tl.sum(Rq_ * gq[None, :] + Rk_ * gk[None, :] + Rv_ * gv[None, :], 1) + gb * rb_
         # Through the reset; under "none" only step 0 passes its gradient on (to the initial state).
@@ -135,45 +141,52 @@ KERNELS = (_rdn_forward, _rdn_backward)  # what the tests compile for sm_90
 
 class _RDNTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, state_grad, done, qx, kx, vx, bx, Rq, Rk, Rv, rb, W0, y0):
-        T, B, H, d = qx.shape
-        X = torch.cat([qx, kx, vx, bx], -1)
+    def forward(ctx, state_grad, activate, num_heads, done, P, Rq, Rk, Rv, rb, W0, y0):
+        # ``activate`` is part of the projected entry's call; rdn's inputs are always raw, since
+        # its feedback enters before the activations.
+        T, B, _ = P.shape
+        H, d = num_heads, W0.shape[-1]
+        P, done = P.contiguous(), done.contiguous()
         slow = tuple(p.contiguous() for p in (Rq, Rk, Rv, rb))
-        done = done.contiguous()
-        Ws = X.new_empty(T, B, H, d, d)
-        Ys = X.new_empty(T + 1, B, H, d)
+        Ws = P.new_empty(T, B, H, d, d)
+        Ys = P.new_empty(T + 1, B, H, d)
         W_last, y_last = torch.empty_like(W0), torch.empty_like(y0)
         _rdn_forward[(B * H,)](
-            X, *slow, done, W0.contiguous(), y0.contiguous(), Ws, Ys, W_last, y_last, T, B, H,
+            P, *slow, done, W0.contiguous(), y0.contiguous(), Ws, Ys, W_last, y_last, T, B, H,
             D=d, num_warps=NUM_WARPS[d],
         )  # fmt: skip
         ctx.state_grad = state_grad
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(X, *slow, done, Ws, Ys)
+        ctx.save_for_backward(P, *slow, done, Ws, Ys)
         return Ys[1:], W_last, y_last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gY, gW_last, gy_last):
-        X, Rq, Rk, Rv, rb, done, Ws, Ys = ctx.saved_tensors
+        P, Rq, Rk, Rv, rb, done, Ws, Ys = ctx.saved_tensors
         T, B, H, d = Ys.shape[0] - 1, *Ys.shape[1:]
         gY = Ys[1:].new_zeros(Ys[1:].shape) if gY is None else gY.contiguous()
         final, has_final = triton_kernels.final_state_grads(
             (gW_last, gy_last), ((B, H, d, d), (B, H, d)), gY
         )
-        gX, S = torch.empty_like(X), X.new_empty(T, B, H, d)
-        gW0, gy0 = X.new_empty(B, H, d, d), X.new_empty(B, H, d)
+        gP, S = torch.empty_like(P), P.new_empty(T, B, H, d)
+        gW0, gy0 = P.new_empty(B, H, d, d), P.new_empty(B, H, d)
         full = ctx.state_grad == "full"
         steps = T if full else 1
         _rdn_backward[(B * H, triton.cdiv(T, steps))](
-            X, Rq, Rk, Rv, rb, done, Ws, Ys, gY, *final, gX, S, gW0, gy0, T, B, H, steps,
+            P, Rq, Rk, Rv, rb, done, Ws, Ys, gY, *final, gP, S, gW0, gy0, T, B, H, steps,
             D=d, FULL=full, FINAL=has_final, num_warps=NUM_WARPS[d],
         )  # fmt: skip
-        gP = torch.einsum("tbhi,tbhj->hij", S, gX)  # pre = x + s [R_q | R_k | R_v | r_b]
-        return (
-            None, None, gX[..., :d], gX[..., d : 2 * d], gX[..., 2 * d : 3 * d], gX[..., 3 * d :],
-            gP[..., :d], gP[..., d : 2 * d], gP[..., 2 * d : 3 * d], gP[..., 3 * d], gW0, gy0,
-        )  # fmt: skip
+        # pre-activations = raw inputs + s [R_q | R_k | R_v | r_b]
+        g_pre = gP[..., : 3 * H * d].view(T, B, 3, H, d)
+        gR = torch.einsum("tbhi,tbfhj->fhij", S, g_pre)
+        grb = torch.einsum("tbhi,tbh->hi", S, gP[..., 3 * H * d :])
+        return None, None, None, None, gP, gR[0], gR[1], gR[2], grb, gW0, gy0
+
+
+# The projected entry point: a layer's raw slow projection [T,B,3Hd+H] read in place, with its
+# feedback weights passed as ``weights=(Rq, Rk, Rv, rb)``.
+rdn_projected = triton_kernels.projected_entry(_RDNTriton)
 
 
 def rdn(
@@ -194,6 +207,5 @@ def rdn(
     Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
     first imported (the tests' way to check the kernels without a GPU).
     """
-    f32 = [x.float() for x in (qx, kx, vx, bx, Rq, Rk, Rv, rb, *state)]
-    y, W, y_last = _RDNTriton.apply(state_grad, done, *f32)
-    return y, (W, y_last)
+    P = projection_row(qx, kx, vx, bx)
+    return rdn_projected(P, qx.shape[2], done, state, state_grad, weights=(Rq, Rk, Rv, rb))
