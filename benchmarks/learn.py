@@ -3,7 +3,8 @@
 Writes `<out>/<name>.csv` (one row per finished game: step, frames, minutes, return, mean of
 the last 100) and `<out>/<name>.png` (return vs frames and vs wall-clock minutes), evaluates the
 final checkpoint with evaluate.py, and prints one JSON summary line, including when the mean of
-the last 100 games first reached `--target`.
+the last 100 games first reached `--target`. SIGTERM stops the training early (train.py gets it
+and writes its final checkpoint); the curve and the evaluation then cover what was trained.
 
     python benchmarks/learn.py --name pong-rdn --minutes 25 --target 18 [section.key=value ...]
     python benchmarks/learn.py --name memory-rdn --config configs/memory.yaml \
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +58,21 @@ def write_csv(path: Path, games: np.ndarray, mean100: np.ndarray, frames_per_ste
             writer.writerow(
                 [int(step), int(step) * frames_per_step, f"{seconds / 60:.3f}", ret, f"{mean:.3f}"]
             )
+
+
+def run_child(command: list[str], **popen_kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, check=True)`` that passes a SIGTERM sent to this script on to
+    the child, so stopping the benchmark stops its training run too (no orphan); SIGINT from a
+    terminal reaches the child through the process group anyway."""
+    with subprocess.Popen(command, **popen_kwargs) as child:
+        previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+        try:
+            out, err = child.communicate()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command, out, err)
+    return subprocess.CompletedProcess(command, 0, out, err)
 
 
 def write_png(path: Path, games: np.ndarray, title: str, frames_per_step: int) -> None:
@@ -103,7 +120,7 @@ def main() -> None:
         f"runtime.time_limit_s={args.minutes * 60}",
         *args.overrides,
     ]
-    subprocess.run(train, check=True, stdout=sys.stderr)
+    run_child(train, stdout=sys.stderr)
     is_atari = (
         "env.kind=gym" not in args.overrides and "kind: gym" not in Path(args.config).read_text()
     )
@@ -117,10 +134,10 @@ def main() -> None:
     shown = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
     title = " ".join([f"{args.name}: {shown}", *args.overrides])
     write_png(out / f"{args.name}.png", games, title, frames_per_step)
-    evaluation = subprocess.run(
+    evaluation = run_child(
         [sys.executable, str(ROOT / "evaluate.py"), str(run_dir), "--episodes", str(args.episodes)],
-        check=True,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     report = json.loads(sorted((run_dir / "eval").glob("*.json"))[-1].read_text())
