@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.cores import make_core
+from agents.cores.fwp import FWPCore
 from agents.torso import make_torso
 
 State = tuple[torch.Tensor, ...]
-INIT_SCHEMES = ("orthogonal", "default")
+INIT_SCHEMES = ("orthogonal", "orthogonal_core", "default")
 
 
 class ActorCritic(nn.Module):
@@ -125,19 +126,25 @@ def build_agent(
 
 
 def initialize_(agent: ActorCritic, scheme: str) -> None:
-    """Re-initialise the torso and the heads; the core keeps its own init (DESIGN §4).
+    """Re-initialise the torso and the heads, and with ``orthogonal_core`` an FWP core too;
+    otherwise the core keeps its own init (DESIGN §4).
 
     ``orthogonal``: torso layers orthogonal with gain √2 (ReLU), policy head gain 0.01 (a
     near-uniform first policy), value head gain 1, zero biases. PyTorch's ``default`` init
     shrinks activations layer by layer: in the Nature CNN on Pong frames the features then vary
     across observations by ~3% of their mean, 0.0003 in absolute terms (34x less than here).
+    ``orthogonal_core``: the same, and an FWP core starts as its input projection
+    (``FWPCore.start_as_projection_``), so the first policy reads the torso as directly as a
+    feed-forward agent's does, and the memory grows in from zero.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
-    if scheme == "orthogonal":
+    if scheme.startswith("orthogonal"):
         _orthogonal_(agent.torso, 2**0.5)
         _orthogonal_(agent.policy, 0.01)
         _orthogonal_(agent.baseline, 1.0)
+    if scheme == "orthogonal_core" and isinstance(agent.core, FWPCore):
+        agent.core.start_as_projection_()
 
 
 def _orthogonal_(module: nn.Module, gain: float) -> None:

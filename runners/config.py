@@ -21,7 +21,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = CONFIG_DIR / "default.yaml"
 CORE_CHOICES = ("ff", "lstm", "lt", "delta", "delta_rnn", "delta_lstm", "rdn")
-INIT_CHOICES = ("orthogonal", "default")
+INIT_CHOICES = ("orthogonal", "orthogonal_core", "default")
 
 
 class ConfigError(ValueError):

@@ -183,12 +183,36 @@ def test_orthogonal_init_gains_and_a_near_uniform_first_policy():
     assert logits.abs().max() < 0.1
 
 
+@pytest.mark.parametrize("core", ["rdn", "delta"])
+def test_orthogonal_core_init_starts_the_core_as_its_input_projection(core):
+    """Under ``orthogonal_core`` the FWP core's output is its (orthogonal) input projection at
+    every step, resets or not, and the residual branches get gradients at the first update."""
+    torch.manual_seed(0)
+    agent = build_agent("mlp", core, (8,), 3, init="orthogonal_core")
+    projection = agent.core.input_proj
+    w = projection.weight
+    torch.testing.assert_close(w @ w.T, torch.eye(w.shape[0]), atol=1e-4, rtol=1e-4)
+    T, B = 6, 2
+    x = torch.randn(T, B, agent.core.input_size)
+    done = torch.zeros(T, B, dtype=torch.bool)
+    done[3, 0] = True
+    state = tuple(torch.randn_like(s) for s in agent.initial_state(B))
+    y, _ = agent.core(x, done, state)
+    torch.testing.assert_close(y, projection(x))
+    y.square().sum().backward()
+    for layer in agent.core.fwps:
+        assert layer.out.weight.grad.abs().sum() > 0
+    assert all(ff[-1].weight.grad.abs().sum() > 0 for ff in agent.core.ffs)
+    # the torso and heads are initialised as under "orthogonal"
+    policy = agent.policy.weight
+    torch.testing.assert_close(policy @ policy.T, 1e-4 * torch.eye(3), atol=1e-6, rtol=1e-4)
+
+
 def test_init_choices_agree_with_the_config_and_unknown_is_one_line():
     from agents import INIT_SCHEMES
     from runners.config import INIT_CHOICES
 
     assert set(INIT_SCHEMES) == set(INIT_CHOICES)
-    with pytest.raises(
-        ValueError, match="unknown init 'xavier'; choose one of orthogonal, default"
-    ):
+    choices = "orthogonal, orthogonal_core, default"
+    with pytest.raises(ValueError, match=f"unknown init 'xavier'; choose one of {choices}"):
         build_agent("nature", "ff", (4, 84, 84), 6, init="xavier")

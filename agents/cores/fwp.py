@@ -289,6 +289,21 @@ class FWPCore(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self._per_layer = len(self.fwps[0].state_shapes())
 
+    @torch.no_grad()
+    def start_as_projection_(self) -> None:
+        """Re-initialise so that the core starts as its input projection (made orthogonal):
+        the last layer of every residual branch (the fast-weight layer's output projection, the
+        feed-forward's second linear) starts at zero, as Fixup and ReZero do. The branches still
+        get gradients from the first update on, through those last layers."""
+        weight = torch.empty(self.input_proj.weight.shape)
+        nn.init.orthogonal_(weight)
+        self.input_proj.weight.copy_(weight)
+        self.input_proj.bias.zero_()
+        for fwp, ff in zip(self.fwps, self.ffs, strict=True):
+            fwp.out.weight.zero_()
+            ff[-1].weight.zero_()
+            ff[-1].bias.zero_()
+
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return tuple(
             torch.zeros(batch_size, *shape, device=device)
