@@ -133,9 +133,9 @@ def initialize_(agent: ActorCritic, scheme: str) -> None:
     near-uniform first policy), value head gain 1, zero biases. PyTorch's ``default`` init
     shrinks activations layer by layer: in the Nature CNN on Pong frames the features then vary
     across observations by ~3% of their mean, 0.0003 in absolute terms (34x less than here).
-    ``orthogonal_core``: the same, and an FWP core starts as its input projection
-    (``FWPCore.start_as_projection_``), so the first policy reads the torso as directly as a
-    feed-forward agent's does, and the memory grows in from zero.
+    ``orthogonal_core``: the same, and an FWP core starts as its input projection, made
+    orthogonal (``FWPCore.zero_residual_branches_``), so the first policy reads the torso as
+    directly as a feed-forward agent's does, and the memory grows in from zero.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
@@ -144,7 +144,8 @@ def initialize_(agent: ActorCritic, scheme: str) -> None:
         _orthogonal_(agent.policy, 0.01)
         _orthogonal_(agent.baseline, 1.0)
     if scheme == "orthogonal_core" and isinstance(agent.core, FWPCore):
-        agent.core.start_as_projection_()
+        _orthogonal_(agent.core.input_proj, 1.0)
+        agent.core.zero_residual_branches_()
 
 
 def _orthogonal_(module: nn.Module, gain: float) -> None:

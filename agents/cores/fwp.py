@@ -221,9 +221,8 @@ class FastWeightLayer(nn.Module):
             return None
         if triton_kernels.usable(projected, self.head_dim):
             entry = triton_kernels.projected(self.kind, self.state_grad)
-            if entry is not None and self.kind == "rdn":
-                return functools.partial(entry, weights=self._feedback())
-            return entry
+            feedback = self._feedback()
+            return functools.partial(entry, weights=feedback) if entry and feedback else entry
         if self.kind in cpu_recurrences.PROJECTED and cpu_kernels.usable(projected, self.head_dim):
             return cpu_recurrences.PROJECTED[self.kind]
         return None
@@ -290,15 +289,11 @@ class FWPCore(nn.Module):
         self._per_layer = len(self.fwps[0].state_shapes())
 
     @torch.no_grad()
-    def start_as_projection_(self) -> None:
-        """Re-initialise so that the core starts as its input projection (made orthogonal):
-        the last layer of every residual branch (the fast-weight layer's output projection, the
-        feed-forward's second linear) starts at zero, as Fixup and ReZero do. The branches still
-        get gradients from the first update on, through those last layers."""
-        weight = torch.empty(self.input_proj.weight.shape)
-        nn.init.orthogonal_(weight)
-        self.input_proj.weight.copy_(weight)
-        self.input_proj.bias.zero_()
+    def zero_residual_branches_(self) -> None:
+        """Make the core its input projection: the last layer of every residual branch (the
+        fast-weight layer's output projection, the feed-forward's second linear) starts at
+        zero, as Fixup and ReZero do. The branches still get gradients from the first update
+        on, through those last layers."""
         for fwp, ff in zip(self.fwps, self.ffs, strict=True):
             fwp.out.weight.zero_()
             ff[-1].weight.zero_()
