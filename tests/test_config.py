@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -141,12 +142,17 @@ def test_core_bf16_reaches_fwp_cores_only():
     assert "bf16" not in core_kwargs(build_config(None, ["core.bf16=true", "agent.core=lstm"]))
 
 
-def test_bf16_on_a_cpu_without_native_bf16_gets_a_warning(monkeypatch):
+def test_bf16_advice_warns_where_emulated_and_hints_where_native(monkeypatch):
     asked = build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=true"])
     not_asked = build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=false"])
+    mlp = build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=false", "agent.torso=mlp"])
     monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
-    assert trainer.bf16_warning(asked) is None
+    assert trainer.bf16_advice(asked) is None
+    level, hint = trainer.bf16_advice(not_asked)
+    assert level == logging.INFO and "agent.bf16=true" in hint
+    assert trainer.bf16_advice(mlp) is None
     monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
-    warning = trainer.bf16_warning(asked)
+    level, warning = trainer.bf16_advice(asked)
+    assert level == logging.WARNING
     assert "agent.bf16 set" in warning and "set agent.bf16=false" in warning
-    assert trainer.bf16_warning(not_asked) is None
+    assert trainer.bf16_advice(not_asked) is None
