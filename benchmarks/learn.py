@@ -50,6 +50,13 @@ def running_mean(values: np.ndarray, window: int = 100) -> np.ndarray:
     return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
 
 
+def first_reached(mean100: np.ndarray, level: float, window: int = 100) -> int | None:
+    """Index of the first game at which the mean of the last `window` games is at least
+    `level`, counting only once `window` games have finished; None if it never was."""
+    hit = np.nonzero((mean100 >= level) & (np.arange(len(mean100)) >= window - 1))[0]
+    return int(hit[0]) if len(hit) else None
+
+
 def write_csv(path: Path, games: np.ndarray, mean100: np.ndarray, frames_per_step: int) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -153,11 +160,11 @@ def main() -> None:
         "eval_episodes": len(report["episodes"]),
     }
     if args.target is not None:
-        hit = np.nonzero((mean100 >= args.target) & (np.arange(len(games)) >= 99))[0]
+        hit = first_reached(mean100, args.target)
         summary["target"] = args.target
-        summary["target_reached_minutes"] = float(games[hit[0], 1] / 60) if len(hit) else None
+        summary["target_reached_minutes"] = None if hit is None else float(games[hit, 1] / 60)
         summary["target_reached_frames"] = (
-            int(games[hit[0], 0]) * frames_per_step if len(hit) else None
+            None if hit is None else int(games[hit, 0]) * frames_per_step
         )
     print(evaluation.stdout, file=sys.stderr)
     print(json.dumps(summary), flush=True)

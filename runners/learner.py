@@ -89,13 +89,20 @@ class Learner:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         pg = -(action_log_probs * advantages).sum()
         baseline = cfg.baseline_cost * 0.5 * (vt.vs - learner_values).pow(2).sum()
-        entropy = cfg.entropy_cost * (log_probs.exp() * log_probs).sum()
+        negative_entropy = (log_probs.exp() * log_probs).sum(-1)
+        entropy = cfg.entropy_cost * negative_entropy.sum()
         rhos = vt.log_rhos.exp()
+        behaviour_log_probs = F.log_softmax(batch.logits[1:], dim=-1)
+        kl = (behaviour_log_probs.exp() * (behaviour_log_probs - log_probs)).sum(-1)
         return {
             "losses/pg": pg,
             "losses/baseline": baseline,
             "losses/entropy": entropy,
             "losses/total": pg + baseline + entropy,
+            # In nats per step, whatever the costs and batch shape: a collapsing policy shows
+            # here first (entropy towards 0, or drifting far from the actors' policy).
+            "policy/entropy": -negative_entropy.mean(),
+            "policy/kl_from_behaviour": kl.mean(),
             "vtrace/mean_rho": rhos.mean(),
             "vtrace/clipped_rho_fraction": (rhos > cfg.clip_rho).float().mean(),
             "vtrace/mean_vs": vt.vs.mean(),

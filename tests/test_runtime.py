@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,7 @@ def test_sync_batches_follow_the_contract_and_replay_exactly(core):
             torch.testing.assert_close(logits[:-1], batch.logits[1:], atol=1e-5, rtol=1e-5)
             stats = learner.update(batch)
             assert abs(float(stats["vtrace/mean_rho"]) - 1.0) < 1e-4
+            assert abs(float(stats["policy/kl_from_behaviour"])) < 1e-5
             backend.publish(agent.state_dict(), learner.updates)
             previous = batch
     finally:
@@ -113,6 +115,32 @@ def test_learner_step_moves_weights_and_lowers_loss():
     assert last < first
     assert any(not torch.equal(a, b) for a, b in zip(before, agent.parameters(), strict=True))
     assert learner.steps == 31 * T * 4 and learner.updates == 31
+
+
+def test_policy_metrics_are_the_mean_entropy_and_kl_from_the_behaviour_policy():
+    """In nats per step, checked against numpy on a batch the learner has since moved away from."""
+    cfg = counting_config("delta", lr=1e-3, **{"learner.optimizer": "adam"})
+    info, agent, spec = build(cfg)
+    backend = SyncBackend(cfg, info, spec, agent)
+    batch = backend.next_batch()
+    backend.close()
+    learner = Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu"))
+    for _ in range(5):
+        learner.update(batch)
+    with torch.no_grad():
+        stats = learner.losses(batch)
+        logits, _, _ = agent(batch.obs, batch.reward, batch.done, batch.action, batch.initial_state)
+    log_p = torch.log_softmax(logits[:-1].double(), -1).numpy()
+    log_mu = torch.log_softmax(batch.logits[1:].double(), -1).numpy()
+    entropy = -(np.exp(log_p) * log_p).sum(-1).mean()
+    kl = (np.exp(log_mu) * (log_mu - log_p)).sum(-1).mean()
+    assert kl > 1e-4  # the policy has moved
+    np.testing.assert_allclose(float(stats["policy/entropy"]), entropy, rtol=1e-5)
+    np.testing.assert_allclose(float(stats["policy/kl_from_behaviour"]), kl, rtol=1e-4)
+    steps = T * 4
+    np.testing.assert_allclose(
+        float(stats["losses/entropy"]), -cfg.learner.entropy_cost * steps * entropy, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
