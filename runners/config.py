@@ -145,7 +145,10 @@ class RuntimeConfig:
         minimum=0.0,
     )
     num_buffers: int = _key(
-        0, "rollout slots in shared memory (0: twice what the learner needs)", minimum=0
+        0,
+        "rollout slots in shared memory, shared by the actors (0: two per actor or more, so "
+        "actors never wait; fewer: less policy lag)",
+        minimum=0,
     )
     max_policy_lag: int = _key(
         0, "drop rollouts older than this many updates (0: keep all)", minimum=0
@@ -372,6 +375,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"learner.batch_size={cfg.learner.batch_size} must be a multiple of the envs per "
             f"actor ({per_actor} = env.num_envs / runtime.num_actors)"
+        )
+    needed = max(cfg.runtime.num_actors, cfg.learner.batch_size // per_actor)
+    if 0 < cfg.runtime.num_buffers < needed:
+        raise ConfigError(
+            f"runtime.num_buffers={cfg.runtime.num_buffers} is too few: every actor needs a "
+            f"slot and a batch needs {cfg.learner.batch_size // per_actor}, so at least {needed} "
+            "(0: the default)"
         )
 
 

@@ -55,10 +55,18 @@ class BackendError(RuntimeError):
 
 
 def slots_per_actor(cfg: Config, spec: RolloutSpec) -> int:
-    """Enough slots that actors keep acting while the learner holds one batch."""
+    """Rollout slots each actor fills in turn.
+
+    By default enough that actors keep acting while the learner holds one batch (at least two
+    each). `runtime.num_buffers` sets the total instead, shared evenly and rounded up: with one
+    slot per actor, an actor waits for the learner to take its rollout, and the rollouts the
+    learner gets are fewer updates old (less policy lag).
+    """
+    actors = cfg.runtime.num_actors
+    if cfg.runtime.num_buffers:
+        return math.ceil(cfg.runtime.num_buffers / actors)
     per_batch = cfg.learner.batch_size // spec.num_envs
-    total = cfg.runtime.num_buffers or 2 * per_batch + cfg.runtime.num_actors
-    return max(2, math.ceil(total / cfg.runtime.num_actors))
+    return max(2, math.ceil((2 * per_batch + actors) / actors))
 
 
 def _die_with_parent() -> None:

@@ -92,6 +92,7 @@ def test_overrides_are_typed():
         ("env.id=", "env.id may not be empty"),
         ("runtime.num_actors=3", "multiple of runtime.num_actors"),
         ("learner.batch_size=8", "multiple of the envs per actor"),
+        ("runtime.num_buffers=1", "runtime.num_buffers=1 is too few: every actor needs a slot"),
         ("novalue", "not of the form section.key=value"),
     ],
 )

@@ -233,6 +233,29 @@ def test_local_backend_batches_and_restarts_a_killed_actor():
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 
+@pytest.mark.timeout(120)
+def test_one_slot_per_actor_halves_the_policy_lag():
+    """`runtime.num_buffers` = one slot per actor: each actor waits for the learner to take its
+    rollout, so a batch is at most 2 updates old (the default's two slots each: up to 4)."""
+    cfg = counting_config("delta", backend="local", **{"runtime.num_buffers": 2})
+    info, agent, spec = build(cfg)
+    backend = LocalBackend(cfg, info, spec, agent)
+    lags = []
+    try:
+        assert [len(actor.slots) for actor in backend.actors] == [1, 1]
+        for update in range(1, 13):
+            batch = None
+            while batch is None:
+                batch = backend.next_batch(timeout_s=30.0)
+            check_indices(batch)
+            lags.append(update - 1 - int(batch.version.max()))
+            time.sleep(0.05)  # a learner slower than the actors, as on Pong
+            backend.publish(agent.state_dict(), update)
+    finally:
+        backend.close()
+    assert max(lags[4:]) <= 2, lags
+
+
 def run_local_until(backend, batches: int, restarts: int, limit_s: float) -> int:
     """Pull batches until `batches` arrived and `restarts` actor restarts happened."""
     got, deadline = 0, time.monotonic() + limit_s
