@@ -101,13 +101,23 @@ def test_sync_batches_follow_the_contract_and_replay_exactly(core):
     assert resets >= 4
 
 
-def test_learner_step_moves_weights_and_lowers_loss():
+def adam_learner_and_batch():
+    """A delta agent's Adam learner and one batch from the sync backend."""
     cfg = counting_config("delta", lr=1e-3, **{"learner.optimizer": "adam"})
     info, agent, spec = build(cfg)
     backend = SyncBackend(cfg, info, spec, agent)
     batch = backend.next_batch()
     backend.close()
-    learner = Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu"))
+    return (
+        cfg,
+        agent,
+        Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu")),
+        batch,
+    )
+
+
+def test_learner_step_moves_weights_and_lowers_loss():
+    _, agent, learner, batch = adam_learner_and_batch()
     before = [p.detach().clone() for p in agent.parameters()]
     first = float(learner.update(batch)["losses/total"])
     for _ in range(30):
@@ -119,12 +129,7 @@ def test_learner_step_moves_weights_and_lowers_loss():
 
 def test_policy_metrics_are_the_mean_entropy_and_kl_from_the_behaviour_policy():
     """In nats per step, checked against numpy on a batch the learner has since moved away from."""
-    cfg = counting_config("delta", lr=1e-3, **{"learner.optimizer": "adam"})
-    info, agent, spec = build(cfg)
-    backend = SyncBackend(cfg, info, spec, agent)
-    batch = backend.next_batch()
-    backend.close()
-    learner = Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu"))
+    cfg, agent, learner, batch = adam_learner_and_batch()
     for _ in range(5):
         learner.update(batch)
     with torch.no_grad():
