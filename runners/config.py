@@ -92,7 +92,15 @@ class LearnerConfig:
     gamma: float = _key(0.99, "discount", minimum=0.0)
     learning_rate: float = _key(6e-4, "initial learning rate", minimum=0.0)
     lr_schedule: str = _key(
-        "linear", "learning-rate decay to 0 over total steps", choices=("linear", "constant")
+        "linear",
+        "learning-rate decay to 0 over lr_decay_steps",
+        choices=("linear", "constant"),
+    )
+    lr_decay_steps: int = _key(
+        0,
+        "agent steps over which the linear schedule reaches 0, then stays there "
+        "(0: runtime.total_steps)",
+        minimum=0,
     )
     warmup_steps: int = _key(
         0, "agent steps over which the learning rate rises linearly from 0 (0: none)", minimum=0

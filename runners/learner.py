@@ -53,7 +53,8 @@ class Learner:
         cfg = self.cfg
         rate = cfg.learning_rate
         if cfg.lr_schedule == "linear":
-            rate *= max(0.0, 1.0 - self.steps / self.total_steps)
+            horizon = cfg.lr_decay_steps or self.total_steps
+            rate *= max(0.0, 1.0 - self.steps / horizon)
         if self.steps < cfg.warmup_steps:
             rate *= (self.steps + 1) / cfg.warmup_steps
         return rate

@@ -159,6 +159,20 @@ def test_warmup_ramps_the_learning_rate_then_hands_over_to_the_schedule(schedule
         assert learner.learning_rate() == pytest.approx(1e-3 * ramp * decay(steps))
 
 
+@pytest.mark.parametrize(("decay_steps", "horizon"), [(0, 10_000), (4_000, 4_000)])
+def test_linear_decay_reaches_zero_at_its_horizon_and_stays_there(decay_steps, horizon):
+    """learner.lr_decay_steps sets where the linear decay ends; 0 means runtime.total_steps."""
+    cfg = counting_config("lstm", lr=1e-3, **{"learner.lr_decay_steps": decay_steps})
+    cfg.learner.lr_schedule = "linear"
+    learner = Learner(build(cfg)[1], cfg.learner, 10_000, torch.device("cpu"))
+    for steps in (0, horizon // 4, horizon // 2, horizon - 1, horizon, horizon + 1, 10_000):
+        learner.steps = steps
+        expected = 1e-3 * max(0.0, 1.0 - steps / horizon)
+        assert learner.learning_rate() == pytest.approx(expected, abs=1e-12)
+    learner.steps = horizon // 2
+    assert learner.learning_rate() == pytest.approx(5e-4)
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_normalized_advantages_ignore_their_scale_and_offset(monkeypatch, normalize):
     """With learner.normalize_advantages, advantages x and 3x+2 give the same policy loss."""
