@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import median_seconds, random_batch  # noqa: E402
 from runners.config import CONFIG_DIR, Config, build_config  # noqa: E402
-from runners.factory import make_agent, make_env, probe_env  # noqa: E402
+from runners.factory import make_agent, make_env, probe_env, torso_bf16  # noqa: E402
 from runners.learner import Learner  # noqa: E402
 from runners.trainer import Trainer  # noqa: E402
 
@@ -145,7 +145,7 @@ def main() -> None:
                 preset=name,
                 torso=cfg.agent.torso,
                 core=cfg.agent.core,
-                bf16=cfg.agent.bf16,
+                bf16=torso_bf16(cfg),
                 backend=cfg.runtime.backend,
                 inference=cfg.runtime.inference,
                 num_actors=cfg.runtime.num_actors,

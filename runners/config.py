@@ -58,7 +58,11 @@ class AgentConfig:
     torso: str = _key("nature", "observation encoder", choices=("impala", "nature", "mlp"))
     core: str = _key("rdn", "recurrent core", choices=CORE_CHOICES)
     prev_action: bool = _key(False, "feed the one-hot previous action to the core")
-    bf16: bool = _key(False, "run the torso under bf16 autocast")
+    bf16: bool | str = _key(
+        False,
+        "run the torso under bf16 autocast (auto: where the CPU runs bf16 natively)",
+        choices=(False, True, "auto"),
+    )
     init: str = _key(
         "default",
         "torso/head initialisation (orthogonal: see agents.initialize_)",
@@ -238,27 +242,26 @@ def _closest(word: str, choices: list[str]) -> str:
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     """Check `value` against the field's type, choices and minimum; return the typed value."""
-    hints = typing.get_type_hints(_owner(key))
-    hint = hints[f.name]
-    args = typing.get_args(hint)
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
-    base = next(a for a in args if a is not type(None)) if optional else hint
+    hint = typing.get_type_hints(_owner(key))[f.name]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    bases = tuple(a for a in typing.get_args(hint) if a is not type(None)) if union else (hint,)
+    base, expected = bases[0], " or ".join(b.__name__ for b in bases)
     if value is None:
-        if optional:
+        if union and type(None) in typing.get_args(hint):
             return None
-        raise ConfigError(f"{key} may not be empty (expected {base.__name__})")
+        raise ConfigError(f"{key} may not be empty (expected {expected})")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if base is int and isinstance(value, float) and value.is_integer() and abs(value) >= 1e3:
         value = int(value)  # allow 2e8 for step counts
-    ok = isinstance(value, base) and not (base in (int, float) and isinstance(value, bool))
+    ok = isinstance(value, bases) and not (isinstance(value, bool) and bool not in bases)
     if not ok:
-        raise ConfigError(f"{key} must be {base.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key} must be {expected}, got {type(value).__name__} {value!r}")
     if base is float and math.isnan(value):
         raise ConfigError(f"{key} must be a number, got nan")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; choices: {', '.join(choices)}")
+        raise ConfigError(f"{key}={value!r} is not valid; choices: {_spell(choices, ', ')}")
     minimum = f.metadata.get("min")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{key}={value!r} must be >= {minimum}")
@@ -267,6 +270,11 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     ):
         raise ConfigError(f"{key} must be a list of integers >= 0, got {value!r}")
     return value
+
+
+def _spell(choices: tuple, separator: str) -> str:
+    """Choices as a user types them (YAML's true/false for booleans)."""
+    return separator.join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
 
 
 def _owner(key: str) -> type:
@@ -419,6 +427,6 @@ def help_text(defaults: Config) -> str:
         section, _, name = key.partition(".")
         default = defaults.seed if key == "seed" else getattr(getattr(defaults, section), name)
         choices = f.metadata.get("choices")
-        extra = f" [{'|'.join(choices)}]" if choices else ""
+        extra = f" [{_spell(choices, '|')}]" if choices else ""
         lines.append(f"  {key:<34} {default!r:<12} {f.metadata['help']}{extra}")
     return "\n".join(lines)

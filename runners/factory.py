@@ -75,6 +75,17 @@ def core_kwargs(cfg: Config) -> dict:
     return kwargs
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: where bf16 matmuls run natively (elsewhere oneDNN emulates them)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def torso_bf16(cfg: Config) -> bool:
+    """`agent.bf16` resolved on this machine: `auto` is bf16 only where the CPU runs it natively."""
+    return cpu_has_native_bf16() if cfg.agent.bf16 == "auto" else cfg.agent.bf16
+
+
 def make_agent(cfg: Config, info: EnvInfo) -> torch.nn.Module:
     try:
         return build_agent(
@@ -84,7 +95,7 @@ def make_agent(cfg: Config, info: EnvInfo) -> torch.nn.Module:
             info.num_actions,
             core_kwargs=core_kwargs(cfg),
             prev_action=cfg.agent.prev_action,
-            bf16=cfg.agent.bf16,
+            bf16=torso_bf16(cfg),
             init=cfg.agent.init,
             center_obs=cfg.agent.center_obs,
         )

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from agents.cores import cpu_kernels
+from runners import factory
 from runners.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -95,29 +96,28 @@ def learner_threads(cfg: Config) -> int:
     return max(1, (os.cpu_count() or 1) - processes * cfg.runtime.actor_threads)
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: where bf16 matmuls run natively (elsewhere oneDNN emulates them)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 def bf16_advice(cfg: Config) -> tuple[int, str] | None:
     """A log level and line about bf16 autocast and this CPU, or None.
 
     A warning when it is asked for on a CPU that would only emulate it (the actors always act on
     the CPU, so they would run slower than in float32); a hint when a conv torso runs in float32
-    on a CPU with native bf16, where `agent.bf16=true` is the faster choice.
+    on a CPU with native bf16, where `agent.bf16=true` is the faster choice; what `auto` chose.
     """
     asked = [
-        key for key, on in (("agent.bf16", cfg.agent.bf16), ("core.bf16", cfg.core.bf16)) if on
+        key
+        for key, on in (("agent.bf16", cfg.agent.bf16 is True), ("core.bf16", cfg.core.bf16))
+        if on
     ]
-    native = cpu_has_native_bf16()
+    native = factory.cpu_has_native_bf16()
     if asked and not native:
         return logging.WARNING, (
             f"{' and '.join(asked)} set, but this CPU has no native bf16 (AVX512-BF16 or AMX): "
             f"autocast will be emulated and likely slower than float32; set {asked[0]}=false"
         )
-    if native and not cfg.agent.bf16 and cfg.agent.torso in ("nature", "impala"):
+    if cfg.agent.bf16 == "auto" and cfg.agent.torso in ("nature", "impala"):
+        chosen = "bf16 autocast" if native else "float32 (this CPU has no native bf16)"
+        return logging.INFO, f"agent.bf16=auto: the torso runs in {chosen}"
+    if native and cfg.agent.bf16 is False and cfg.agent.torso in ("nature", "impala"):
         return logging.INFO, (
             "this CPU runs bf16 natively: agent.bf16=true runs the torso under bf16 autocast, "
             "1.3-1.8x the training throughput (docs/benchmarks.md)"

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from runners import trainer
+from runners import factory, trainer
 from runners.config import (
     CONFIG_DIR,
     ConfigError,
@@ -20,7 +21,7 @@ from runners.config import (
     from_dict,
     to_dict,
 )
-from runners.factory import core_kwargs
+from runners.factory import EnvInfo, core_kwargs, make_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +86,8 @@ def test_overrides_are_typed():
         ("agent.torso=resnet", "choices: impala, nature, mlp"),
         ("learner.gamma=abc", "learner.gamma must be float"),
         ("runtime.num_actors=1.5", "runtime.num_actors must be int"),
-        ("agent.bf16=1", "agent.bf16 must be bool"),
+        ("agent.bf16=1", "agent.bf16 must be bool or str, got int 1"),
+        ("agent.bf16=always", "agent.bf16='always' is not valid; choices: false, true, auto"),
         ("seed=-1", "seed=-1 must be >= 0"),
         ("learner.batch_size=0", "must be >= 1"),
         ("checkpoint.milestones=[a]", "list of integers"),
@@ -146,14 +148,29 @@ def test_core_bf16_reaches_fwp_cores_only():
 def test_bf16_advice_warns_where_emulated_and_hints_where_native(monkeypatch):
     asked = build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=true"])
     not_asked = build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=false"])
+    auto = build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=auto"])
     mlp = build_config(CONFIG_DIR / "default.yaml", ["agent.bf16=false", "agent.torso=mlp"])
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(factory, "cpu_has_native_bf16", lambda: True)
     assert trainer.bf16_advice(asked) is None
     level, hint = trainer.bf16_advice(not_asked)
     assert level == logging.INFO and "agent.bf16=true" in hint
+    level, line = trainer.bf16_advice(auto)
+    assert level == logging.INFO and line == "agent.bf16=auto: the torso runs in bf16 autocast"
     assert trainer.bf16_advice(mlp) is None
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(factory, "cpu_has_native_bf16", lambda: False)
     level, warning = trainer.bf16_advice(asked)
     assert level == logging.WARNING
     assert "agent.bf16 set" in warning and "set agent.bf16=false" in warning
     assert trainer.bf16_advice(not_asked) is None
+    level, line = trainer.bf16_advice(auto)
+    assert level == logging.INFO and "float32 (this CPU has no native bf16)" in line
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_follows_the_cpu_and_explicit_values_do_not(monkeypatch, native):
+    monkeypatch.setattr(factory, "cpu_has_native_bf16", lambda: native)
+    info = EnvInfo((4, 84, 84), torch.uint8, 6)
+    for setting, expected in (("auto", native), ("true", True), ("false", False)):
+        cfg = build_config(CONFIG_DIR / "default.yaml", [f"agent.bf16={setting}"])
+        assert from_dict(to_dict(cfg)).agent.bf16 == cfg.agent.bf16  # saved as written
+        assert make_agent(cfg, info).torso.bf16 is expected

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 
 from runners.checkpoint import PAUSE_ENV, CheckpointManager, load_checkpoint
 from runners.config import Config, ConfigError, build_config
@@ -448,8 +449,8 @@ def test_nothing_listens_beyond_loopback_and_no_secret_reaches_disk(tmp_path):
 # --- 6. bad input sweep -----------------------------------------------------------------------
 
 
-def _key_fields() -> list[tuple[str, type, dataclasses.Field]]:
-    """(dotted key, base type, field) for every config key, read from the dataclasses."""
+def _key_fields() -> list[tuple[str, tuple[type, ...], dataclasses.Field]]:
+    """(dotted key, accepted types, field) for every config key, read from the dataclasses."""
     rows = []
     for section in dataclasses.fields(Config):
         if section.name == "seed":
@@ -460,9 +461,10 @@ def _key_fields() -> list[tuple[str, type, dataclasses.Field]]:
         hints = typing.get_type_hints(owner)
         for f in fields:
             hint = hints[f.name]
+            bases = (hint,)
             if typing.get_origin(hint) in (typing.Union, types.UnionType):
-                hint = next(a for a in typing.get_args(hint) if a is not type(None))
-            rows.append((prefix + f.name, hint, f))
+                bases = tuple(a for a in typing.get_args(hint) if a is not type(None))
+            rows.append((prefix + f.name, bases, f))
     return rows
 
 
@@ -473,8 +475,12 @@ def _bad_values() -> dict[str, tuple[str, str]]:
     """id -> (override, expected text): a wrong type for every key, below the minimum where
     there is one, NaN for floats, an unknown choice where there are choices."""
     cases = {}
-    for key, base, f in _key_fields():
-        cases[f"{key}:type"] = (f"{key}={WRONG_TYPE[base]}", "must be")
+    for key, bases, f in _key_fields():
+        base = bases[0]
+        wrong = next(
+            WRONG_TYPE[b] for b in bases if not isinstance(yaml.safe_load(WRONG_TYPE[b]), bases)
+        )
+        cases[f"{key}:type"] = (f"{key}={wrong}", "must be")
         minimum = f.metadata.get("min")
         if minimum is not None:
             below = minimum - 1 if base is int else minimum - 0.5
@@ -482,7 +488,8 @@ def _bad_values() -> dict[str, tuple[str, str]]:
         if base is float:
             cases[f"{key}:nan"] = (f"{key}=.nan", "must be a number")
         if f.metadata.get("choices"):
-            cases[f"{key}:choice"] = (f"{key}=nope", "choices: " + ", ".join(f.metadata["choices"]))
+            spelled = [yaml.safe_dump(c).splitlines()[0] for c in f.metadata["choices"]]
+            cases[f"{key}:choice"] = (f"{key}=nope", "choices: " + ", ".join(spelled))
     cases["milestone<0"] = ("checkpoint.milestones=[10, -5]", "list of integers >= 0")
     cases["unknown key"] = ("env.idd=pong", "did you mean env.id")
     cases["unknown section"] = ("nosuch.key=1", "unknown config key 'nosuch.key'")
