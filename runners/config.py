@@ -116,6 +116,11 @@ class LearnerConfig:
     grad_clip: float = _key(40.0, "global gradient-norm clip (0: off)", minimum=0.0)
     baseline_cost: float = _key(0.5, "weight of the value loss", minimum=0.0)
     entropy_cost: float = _key(0.01, "weight of the entropy bonus", minimum=0.0)
+    entropy_decay: bool = _key(
+        False,
+        "decay the entropy cost linearly to 0 over the learning rate's horizon "
+        "(lr_decay_steps, or runtime.total_steps), whatever lr_schedule says",
+    )
     reward_clip: float = _key(1.0, "clamp rewards to [-c, c] for learning (0: off)", minimum=0.0)
     clip_rho: float = _key(1.0, "V-trace rho-bar", minimum=0.0)
     clip_pg_rho: float = _key(

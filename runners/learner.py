@@ -48,16 +48,25 @@ class Learner:
         self.nonfinite_in_a_row = 0
         self.skipped_updates = 0
 
+    def linear_decay(self) -> float:
+        """1 at the start, falling linearly to 0 at lr_decay_steps (or total_steps), then 0."""
+        horizon = self.cfg.lr_decay_steps or self.total_steps
+        return max(0.0, 1.0 - self.steps / horizon)
+
     def learning_rate(self) -> float:
         """The rate for the next update: the schedule's, scaled by the warm-up's linear ramp."""
         cfg = self.cfg
         rate = cfg.learning_rate
         if cfg.lr_schedule == "linear":
-            horizon = cfg.lr_decay_steps or self.total_steps
-            rate *= max(0.0, 1.0 - self.steps / horizon)
+            rate *= self.linear_decay()
         if self.steps < cfg.warmup_steps:
             rate *= (self.steps + 1) / cfg.warmup_steps
         return rate
+
+    def entropy_cost(self) -> float:
+        """The entropy bonus's weight for the next update, decayed with the lr when asked."""
+        decay = self.linear_decay() if self.cfg.entropy_decay else 1.0
+        return self.cfg.entropy_cost * decay
 
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Forward pass and the three losses (summed over T x B, as in the paper)."""
@@ -91,7 +100,7 @@ class Learner:
         pg = -(action_log_probs * advantages).sum()
         baseline = cfg.baseline_cost * 0.5 * (vt.vs - learner_values).pow(2).sum()
         negative_entropy = (log_probs.exp() * log_probs).sum(-1)
-        entropy = cfg.entropy_cost * negative_entropy.sum()
+        entropy = self.entropy_cost() * negative_entropy.sum()
         rhos = vt.log_rhos.exp()
         behaviour_log_probs = F.log_softmax(batch.logits[1:], dim=-1)
         kl = (behaviour_log_probs.exp() * (behaviour_log_probs - log_probs)).sum(-1)
@@ -112,7 +121,7 @@ class Learner:
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One optimizer step; a non-finite loss or gradient skips it (DESIGN §7)."""
-        lr = self.learning_rate()
+        lr, entropy_cost = self.learning_rate(), self.entropy_cost()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         metrics = self.losses(batch)
@@ -142,6 +151,7 @@ class Learner:
             {
                 "losses/grad_norm": grad_norm.detach(),
                 "charts/learning_rate": torch.tensor(lr),
+                "charts/entropy_cost": torch.tensor(entropy_cost),
                 "perf/policy_lag": lag.mean(),
             }
         )

@@ -173,6 +173,32 @@ def test_linear_decay_reaches_zero_at_its_horizon_and_stays_there(decay_steps, h
     assert learner.learning_rate() == pytest.approx(5e-4)
 
 
+@pytest.mark.parametrize("decay", [False, True])
+def test_entropy_decay_scales_the_entropy_bonus_down_with_the_lr_horizon(decay):
+    """learner.entropy_decay: the bonus's weight falls linearly to 0 at lr_decay_steps."""
+    overrides = {"learner.entropy_decay": decay, "learner.lr_decay_steps": 4_000}
+    cfg = counting_config("lstm", lr=1e-3, **overrides)  # lr_schedule constant
+    info, agent, spec = build(cfg)
+    backend = SyncBackend(cfg, info, spec, agent)
+    batch = backend.next_batch()
+    backend.close()
+    learner = Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu"))
+    start = float(learner.losses(batch)["losses/entropy"])
+    assert start < 0.0
+    expected = {0: 1.0, 1_000: 0.75, 3_000: 0.25, 4_000: 0.0, 6_000: 0.0}
+    for steps, factor in expected.items():
+        learner.steps = steps
+        factor = factor if decay else 1.0
+        assert learner.entropy_cost() == pytest.approx(cfg.learner.entropy_cost * factor)
+        with torch.no_grad():
+            entropy_loss = float(learner.losses(batch)["losses/entropy"])
+        assert entropy_loss == pytest.approx(start * factor, rel=1e-5, abs=1e-12)
+    assert learner.learning_rate() == pytest.approx(1e-3)  # the cost decays, the lr does not
+    learner.steps = 1_000
+    logged = learner.update(batch)["charts/entropy_cost"]
+    assert float(logged) == pytest.approx(cfg.learner.entropy_cost * (0.75 if decay else 1.0))
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_normalized_advantages_ignore_their_scale_and_offset(monkeypatch, normalize):
     """With learner.normalize_advantages, advantages x and 3x+2 give the same policy loss."""
