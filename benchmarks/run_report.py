@@ -8,7 +8,9 @@ Prints one JSON line per run. The health counts cover the updates train.py logge
 collapses, logged updates after which the policy was nearly deterministic over the whole batch
 (mean entropy below `--collapse-entropy` nats) or far from the actors' policy (mean V-trace ρ
 below `--collapse-rho`). On Pong such updates often precede a fall of 10-15 points in the
-return (docs/results/README.md, "Session 19").
+return (docs/results/README.md, "Session 19"). Counted apart, the KL spikes: logged updates
+whose policy was more than `--spike-kl` nats (mean KL) from the actors' a few updates earlier,
+a jump the collapse rule misses but which preceded a fall from +15 to -13 in session 24.
 """
 
 from __future__ import annotations
@@ -57,9 +59,13 @@ def mean_entropy(scalars: dict[str, np.ndarray], learner: dict) -> np.ndarray | 
 
 
 def health(
-    scalars: dict[str, np.ndarray], learner: dict, collapse_entropy: float, collapse_rho: float
+    scalars: dict[str, np.ndarray],
+    learner: dict,
+    collapse_entropy: float,
+    collapse_rho: float,
+    spike_kl: float,
 ) -> dict:
-    """Gradient clipping and policy-collapse counts over the logged updates."""
+    """Gradient clipping, policy-collapse and KL-spike counts over the logged updates."""
     out: dict = {}
     grad = scalars.get("losses/grad_norm")
     if grad is not None and len(grad):
@@ -79,6 +85,9 @@ def health(
     if entropy is not None or rho is not None:
         out["collapses"] = len(collapsed)
         out["collapse_steps"] = sorted(collapsed)
+    kl = scalars.get("policy/kl_from_behaviour")
+    if kl is not None:
+        out["kl_spike_steps"] = [int(s) for s, v in kl if v > spike_kl]
     for tag, key in (
         ("perf/policy_lag", "median_policy_lag"),
         ("policy/kl_from_behaviour", "median_kl"),
@@ -88,7 +97,9 @@ def health(
     return out
 
 
-def report(run_dir: Path, levels=LEVELS, collapse_entropy=0.3, collapse_rho=0.5) -> dict:
+def report(
+    run_dir: Path, levels=LEVELS, collapse_entropy=0.3, collapse_rho=0.5, spike_kl=0.5
+) -> dict:
     """The JSON summary of one run folder (see the module docstring)."""
     config_path = run_dir / "config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
@@ -114,7 +125,7 @@ def report(run_dir: Path, levels=LEVELS, collapse_entropy=0.3, collapse_rho=0.5)
                 else {"step": int(games[index, 0]), "minutes": round(games[index, 1] / 60, 1)}
             )
         out["reached"] = reached
-    out["health"] = health(read_scalars(run_dir), learner, collapse_entropy, collapse_rho)
+    out["health"] = health(read_scalars(run_dir), learner, collapse_entropy, collapse_rho, spike_kl)
     return out
 
 
@@ -124,11 +135,13 @@ def main() -> None:
     parser.add_argument("--levels", type=float, nargs="+", default=list(LEVELS))
     parser.add_argument("--collapse-entropy", type=float, default=0.3, help="nats")
     parser.add_argument("--collapse-rho", type=float, default=0.5)
+    parser.add_argument("--spike-kl", type=float, default=0.5, help="nats")
     args = parser.parse_args()
     for run in args.runs:
         if not (run / "tb").is_dir():
             sys.exit(f"run_report.py: {run} has no tb/ folder (not a train.py run folder)")
-        print(json.dumps(report(run, args.levels, args.collapse_entropy, args.collapse_rho)))
+        summary = report(run, args.levels, args.collapse_entropy, args.collapse_rho, args.spike_kl)
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

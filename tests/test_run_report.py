@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def write_run(run: Path, entropy_tag: bool) -> None:
     """150 games whose return climbs from -21 by 0.2 per game, one game every 1000 steps and
-    6 s; four logged updates, of which the second collapsed (entropy) and the fourth drifted
-    (ρ)."""
+    6 s; four logged updates, of which the second collapsed (entropy), the third jumped away
+    from the actors' policy (KL) and the fourth drifted (ρ)."""
     run.mkdir(parents=True)
     learner = {"unroll_length": 20, "batch_size": 16, "entropy_cost": 0.005, "grad_clip": 40.0}
     (run / "config.yaml").write_text(json.dumps({"learner": learner}))  # JSON is YAML
@@ -32,17 +32,18 @@ def write_run(run: Path, entropy_tag: bool) -> None:
             writer.add_scalar(
                 RETURN_TAG, -21.0 + 0.2 * game, step, walltime=1000.0 + 6 * (game + 1)
             )
-        for step, entropy, rho, grad in [
-            (100, 1.7, 1.0, 50.0),
-            (200, 0.1, 1.0, 300.0),
-            (300, 1.5, 0.9, 20.0),
-            (400, 1.2, 0.4, 30.0),
+        for step, entropy, rho, grad, kl in [
+            (100, 1.7, 1.0, 50.0, 0.02),
+            (200, 0.1, 1.0, 300.0, 0.5),
+            (300, 1.5, 0.9, 20.0, 1.1),
+            (400, 1.2, 0.4, 30.0, 0.03),
         ]:
             if entropy_tag:
                 writer.add_scalar("policy/entropy", entropy, step)
             else:
                 writer.add_scalar("losses/entropy", -0.005 * 320 * entropy, step)
             writer.add_scalar("vtrace/mean_rho", rho, step)
+            writer.add_scalar("policy/kl_from_behaviour", kl, step)
             writer.add_scalar("losses/grad_norm", grad, step)
             writer.add_scalar("perf/policy_lag", 4.0, step)
 
@@ -64,6 +65,8 @@ def test_report_finds_milestones_clipping_and_collapses(tmp_path: Path, entropy_
     assert health["collapses"] == 2 and health["collapse_steps"] == [200, 400]
     assert health["median_entropy"] == pytest.approx(1.35, abs=1e-3)
     assert health["median_policy_lag"] == 4.0
+    assert health["kl_spike_steps"] == [300]  # above 0.5 nats, not at it
+    assert report(tmp_path / "run", spike_kl=0.4)["health"]["kl_spike_steps"] == [200, 300]
 
 
 def test_first_reached_waits_for_a_full_window() -> None:
