@@ -100,7 +100,8 @@ class Learner:
         pg = -(action_log_probs * advantages).sum()
         baseline = cfg.baseline_cost * 0.5 * (vt.vs - learner_values).pow(2).sum()
         negative_entropy = (log_probs.exp() * log_probs).sum(-1)
-        entropy = self.entropy_cost() * negative_entropy.sum()
+        entropy_cost = self.entropy_cost()
+        entropy = entropy_cost * negative_entropy.sum()
         rhos = vt.log_rhos.exp()
         behaviour_log_probs = F.log_softmax(batch.logits[1:], dim=-1)
         kl = (behaviour_log_probs.exp() * (behaviour_log_probs - log_probs)).sum(-1)
@@ -109,6 +110,7 @@ class Learner:
             "losses/baseline": baseline,
             "losses/entropy": entropy,
             "losses/total": pg + baseline + entropy,
+            "charts/entropy_cost": torch.tensor(entropy_cost),
             # In nats per step, whatever the costs and batch shape: a collapsing policy shows
             # here first (entropy towards 0, or drifting far from the actors' policy).
             "policy/entropy": -negative_entropy.mean(),
@@ -121,7 +123,7 @@ class Learner:
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One optimizer step; a non-finite loss or gradient skips it (DESIGN §7)."""
-        lr, entropy_cost = self.learning_rate(), self.entropy_cost()
+        lr = self.learning_rate()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         metrics = self.losses(batch)
@@ -151,7 +153,6 @@ class Learner:
             {
                 "losses/grad_norm": grad_norm.detach(),
                 "charts/learning_rate": torch.tensor(lr),
-                "charts/entropy_cost": torch.tensor(entropy_cost),
                 "perf/policy_lag": lag.mean(),
             }
         )

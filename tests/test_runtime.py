@@ -101,9 +101,9 @@ def test_sync_batches_follow_the_contract_and_replay_exactly(core):
     assert resets >= 4
 
 
-def adam_learner_and_batch():
-    """A delta agent's Adam learner and one batch from the sync backend."""
-    cfg = counting_config("delta", lr=1e-3, **{"learner.optimizer": "adam"})
+def learner_and_batch(core: str, lr: float = 0.0, **extra):
+    """The config, agent, learner and one batch from the sync backend."""
+    cfg = counting_config(core, lr=lr, **extra)
     info, agent, spec = build(cfg)
     backend = SyncBackend(cfg, info, spec, agent)
     batch = backend.next_batch()
@@ -114,6 +114,11 @@ def adam_learner_and_batch():
         Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu")),
         batch,
     )
+
+
+def adam_learner_and_batch():
+    """A delta agent's Adam learner and one batch."""
+    return learner_and_batch("delta", lr=1e-3, **{"learner.optimizer": "adam"})
 
 
 def test_learner_step_moves_weights_and_lowers_loss():
@@ -177,12 +182,7 @@ def test_linear_decay_reaches_zero_at_its_horizon_and_stays_there(decay_steps, h
 def test_entropy_decay_scales_the_entropy_bonus_down_with_the_lr_horizon(decay):
     """learner.entropy_decay: the bonus's weight falls linearly to 0 at lr_decay_steps."""
     overrides = {"learner.entropy_decay": decay, "learner.lr_decay_steps": 4_000}
-    cfg = counting_config("lstm", lr=1e-3, **overrides)  # lr_schedule constant
-    info, agent, spec = build(cfg)
-    backend = SyncBackend(cfg, info, spec, agent)
-    batch = backend.next_batch()
-    backend.close()
-    learner = Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu"))
+    cfg, _, learner, batch = learner_and_batch("lstm", lr=1e-3, **overrides)  # lr constant
     with torch.no_grad():
         start = float(learner.losses(batch)["losses/entropy"])
     assert start < 0.0
@@ -205,12 +205,7 @@ def test_normalized_advantages_ignore_their_scale_and_offset(monkeypatch, normal
     """With learner.normalize_advantages, advantages x and 3x+2 give the same policy loss."""
     import runners.learner as learner_module
 
-    cfg = counting_config("lstm", **{"learner.normalize_advantages": normalize})
-    info, agent, spec = build(cfg)
-    backend = SyncBackend(cfg, info, spec, agent)
-    batch = backend.next_batch()
-    backend.close()
-    learner = Learner(agent, cfg.learner, cfg.runtime.total_steps, torch.device("cpu"))
+    _, _, learner, batch = learner_and_batch("lstm", **{"learner.normalize_advantages": normalize})
     real = learner_module.vtrace.from_logits
     advantages = torch.randn(T, 4, generator=torch.Generator().manual_seed(1))
 
