@@ -11,6 +11,8 @@ below `--collapse-rho`). On Pong such updates often precede a fall of 10-15 poin
 return (docs/results/README.md, "Session 19"). Counted apart, the KL spikes: logged updates
 whose policy was more than `--spike-kl` nats (mean KL) from the actors' a few updates earlier,
 a jump the collapse rule misses but which preceded a fall from +15 to -13 in session 24.
+Runs since session 25 also log each interval's largest KL over all its updates
+(`policy/kl_from_behaviour_max`); `kl_spike_intervals` lists the intervals holding a spike.
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ def health(
     kl = scalars.get("policy/kl_from_behaviour")
     if kl is not None:
         out["kl_spike_steps"] = [int(s) for s, v in kl if v > spike_kl]
+    kl_peak = scalars.get("policy/kl_from_behaviour_max")
+    if kl_peak is not None:
+        out["kl_spike_intervals"] = [int(s) for s, v in kl_peak if v > spike_kl]
     for tag, key in (
         ("perf/policy_lag", "median_policy_lag"),
         ("policy/kl_from_behaviour", "median_kl"),

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TextIO
 
+import torch
+
 EPISODIC_RETURN = "charts/episodic_return"
 EPISODIC_LENGTH = "charts/episodic_length"
 SPS = "charts/SPS"
@@ -94,6 +96,35 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class IntervalPeaks:
+    """The largest value of some update metrics over every update since the last summary.
+
+    Summaries record one update every ``logging.every_s``, about one in twenty on the fast
+    preset, so a single update that jumps far from the actors' policy is usually not among
+    them; its peak is. Values stay tensors until ``drain`` so a GPU learner does not sync.
+    """
+
+    NAMES = ("policy/kl_from_behaviour", "losses/grad_norm")
+
+    def __init__(self, names: Iterable[str] = NAMES) -> None:
+        self.names = tuple(names)
+        self._peaks: dict[str, torch.Tensor] = {}
+
+    def add(self, stats: Mapping[str, torch.Tensor]) -> None:
+        """Fold one update's metrics in; names missing from ``stats`` are ignored."""
+        for name in self.names:
+            if name in stats:
+                value = stats[name].detach()
+                peak = self._peaks.get(name)
+                self._peaks[name] = value if peak is None else torch.maximum(peak, value)
+
+    def drain(self) -> dict[str, float]:
+        """``{name}_max`` for every metric seen since the last drain, then start afresh."""
+        out = {f"{name}_max": float(value) for name, value in self._peaks.items()}
+        self._peaks.clear()
+        return out
 
 
 class ProgressLine:

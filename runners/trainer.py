@@ -40,7 +40,13 @@ from runners.factory import make_agent, probe_env, rollout_spec
 from runners.inference_server import inference_device
 from runners.learner import Learner, NonFiniteError
 from runners.local import BackendError, LocalBackend, SyncBackend
-from runners.metrics import MetricsLogger, ProgressLine, close_run_logging, setup_run_logging
+from runners.metrics import (
+    IntervalPeaks,
+    MetricsLogger,
+    ProgressLine,
+    close_run_logging,
+    setup_run_logging,
+)
 
 log = logging.getLogger("deltabeast")
 
@@ -324,6 +330,7 @@ class Trainer:
         last_log = last_ckpt = time.monotonic()
         wait_s = learn_s = 0.0
         steps_at_log = self.learner.steps
+        peaks = IntervalPeaks()
         deadline = time.monotonic() + cfg.runtime.time_limit_s if cfg.runtime.time_limit_s else None
         while self.learner.steps < cfg.runtime.total_steps:
             if stop.reason is not None:
@@ -342,6 +349,7 @@ class Trainer:
             stats = self.learner.update(batch.to(self.device))
             backend.publish(self.agent.state_dict(), self.learner.updates)
             learn_s += time.perf_counter() - start
+            peaks.add(stats)
             step = self.learner.steps
             returns, lengths = batch.finished_episodes()
             progress.add_returns(returns)
@@ -353,6 +361,7 @@ class Trainer:
             if now - last_log >= cfg.logging.every_s:
                 elapsed = now - last_log
                 scalars = {k: float(v) for k, v in stats.items()}
+                scalars.update(peaks.drain())
                 scalars["charts/SPS"] = (step - steps_at_log) / elapsed
                 scalars["perf/learner_s"] = learn_s
                 scalars["perf/batch_wait_s"] = wait_s

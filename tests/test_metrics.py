@@ -14,6 +14,7 @@ from runners.checkpoint import CheckpointManager
 from runners.metrics import (
     EPISODIC_RETURN,
     SPS,
+    IntervalPeaks,
     MetricsLogger,
     ProgressLine,
     close_run_logging,
@@ -58,6 +59,24 @@ def test_without_tensorboard_nothing_is_written(tmp_path):
 def test_bad_metric_name_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="metric name"):
         MetricsLogger(tmp_path, use_tensorboard=False).scalar("", 1.0, 0)
+
+
+def test_interval_peaks_keep_the_largest_value_since_the_last_drain():
+    peaks = IntervalPeaks()
+    assert peaks.drain() == {}
+    for kl, grad in [(0.02, 30.0), (1.1, 12.0), (0.05, 55.0)]:
+        peaks.add(
+            {
+                "policy/kl_from_behaviour": torch.tensor(kl),
+                "losses/grad_norm": torch.tensor(grad),
+                "losses/total": torch.tensor(9.0),
+            }
+        )
+    assert peaks.drain() == pytest.approx(
+        {"policy/kl_from_behaviour_max": 1.1, "losses/grad_norm_max": 55.0}
+    )
+    peaks.add({"policy/kl_from_behaviour": torch.tensor(0.3)})  # a new interval starts afresh
+    assert peaks.drain() == pytest.approx({"policy/kl_from_behaviour_max": 0.3})
 
 
 def test_progress_line_plain_output_sps_eta_and_return():

@@ -44,6 +44,7 @@ def write_run(run: Path, entropy_tag: bool) -> None:
                 writer.add_scalar("losses/entropy", -0.005 * 320 * entropy, step)
             writer.add_scalar("vtrace/mean_rho", rho, step)
             writer.add_scalar("policy/kl_from_behaviour", kl, step)
+            writer.add_scalar("policy/kl_from_behaviour_max", kl + 0.45, step)
             writer.add_scalar("losses/grad_norm", grad, step)
             writer.add_scalar("perf/policy_lag", 4.0, step)
 
@@ -67,6 +68,8 @@ def test_report_finds_milestones_clipping_and_collapses(tmp_path: Path, entropy_
     assert health["median_policy_lag"] == 4.0
     assert health["kl_spike_steps"] == [300]  # above 0.5 nats, not at it
     assert report(tmp_path / "run", spike_kl=0.4)["health"]["kl_spike_steps"] == [200, 300]
+    # the interval peaks (kl + 0.45) catch the spike between summaries at step 200 as well
+    assert health["kl_spike_intervals"] == [200, 300]
 
 
 def test_first_reached_waits_for_a_full_window() -> None:

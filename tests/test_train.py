@@ -57,6 +57,21 @@ def test_memory_task_is_learned_by_fwp_cores_not_by_ff(tmp_path):
     assert rates["ff"] <= 0.7, rates
 
 
+def test_summaries_carry_each_intervals_peak_kl_and_grad_norm(tmp_path):
+    """Every summary logs the largest KL and gradient norm of all updates since the last one."""
+    run = tmp_path / "run"
+    args = [*FAST_MEMORY, f"run.dir={run}", "runtime.backend=sync", "runtime.total_steps=8192"]
+    out = train(*args, "logging.every_s=0.1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    for name in ("policy/kl_from_behaviour", "losses/grad_norm"):
+        sampled = {e.step: e.value for e in events.Scalars(name)}
+        peaks = {e.step: e.value for e in events.Scalars(f"{name}_max")}
+        assert sampled and peaks.keys() == sampled.keys()
+        assert all(peaks[step] >= value for step, value in sampled.items()), (peaks, sampled)
+
+
 def test_resume_continues_counters_and_optimizer(tmp_path):
     run = tmp_path / "run"
     base = [*FAST_MEMORY, f"run.dir={run}", "runtime.backend=sync", "runtime.total_steps=2048"]
