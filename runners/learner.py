@@ -121,6 +121,19 @@ class Learner:
             "vtrace/mean_advantage": vt.pg_advantages.mean(),
         }
 
+    def part_grad_norms(self) -> dict[str, torch.Tensor]:
+        """The unclipped gradient norm of each part of the agent (torso, core, heads).
+
+        The global norm says that an update was large, these say where: a recurrent core whose
+        gradient explodes through time shows here first.
+        """
+        norms = {}
+        for name, part in self.agent.named_children():
+            grads = [p.grad for p in part.parameters() if p.grad is not None]
+            if grads:
+                norms[f"grad_norm/{name}"] = torch.nn.utils.get_total_norm(grads)
+        return norms
+
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One optimizer step; a non-finite loss or gradient skips it (DESIGN §7)."""
         lr = self.learning_rate()
@@ -129,6 +142,7 @@ class Learner:
         metrics = self.losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
         metrics["losses/total"].backward()
+        metrics.update(self.part_grad_norms())
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.agent.parameters(), clip)
         # The one host sync per update: skipping needs a Python decision.

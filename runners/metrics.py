@@ -103,20 +103,21 @@ class IntervalPeaks:
 
     Summaries record one update every ``logging.every_s``, about one in twenty on the fast
     preset, so a single update that jumps far from the actors' policy is usually not among
-    them; its peak is. Values stay tensors until ``drain`` so a GPU learner does not sync.
+    them; its peak is. Metrics are chosen by name prefix (``grad_norm/`` covers every part of
+    the agent). Values stay tensors until ``drain`` so a GPU learner does not sync.
     """
 
-    NAMES = ("policy/kl_from_behaviour", "losses/grad_norm")
+    PREFIXES = ("policy/kl_from_behaviour", "losses/grad_norm", "grad_norm/")
 
-    def __init__(self, names: Iterable[str] = NAMES) -> None:
-        self.names = tuple(names)
+    def __init__(self, prefixes: Iterable[str] = PREFIXES) -> None:
+        self.prefixes = tuple(prefixes)
         self._peaks: dict[str, torch.Tensor] = {}
 
     def add(self, stats: Mapping[str, torch.Tensor]) -> None:
-        """Fold one update's metrics in; names missing from ``stats`` are ignored."""
-        for name in self.names:
-            if name in stats:
-                value = stats[name].detach()
+        """Fold one update's metrics in: those whose names start with one of the prefixes."""
+        for name, value in stats.items():
+            if name.startswith(self.prefixes):
+                value = value.detach()
                 peak = self._peaks.get(name)
                 self._peaks[name] = value if peak is None else torch.maximum(peak, value)
 

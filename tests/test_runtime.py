@@ -132,6 +132,19 @@ def test_learner_step_moves_weights_and_lowers_loss():
     assert learner.steps == 31 * T * 4 and learner.updates == 31
 
 
+def test_part_gradient_norms_make_up_the_global_norm():
+    """grad_norm/{torso,core,policy,baseline} are unclipped and add up (in squares) to the total."""
+    _, agent, learner, batch = learner_and_batch("rdn", lr=1e-3, **{"learner.grad_clip": 1e-3})
+    stats = learner.update(batch)
+    parts = {k: float(v) for k, v in stats.items() if k.startswith("grad_norm/")}
+    assert set(parts) == {f"grad_norm/{name}" for name, _ in agent.named_children()}
+    assert set(parts) >= {"grad_norm/torso", "grad_norm/core", "grad_norm/policy"}
+    assert all(value > 0 for value in parts.values()), parts
+    total = sum(value**2 for value in parts.values()) ** 0.5
+    assert total == pytest.approx(float(stats["losses/grad_norm"]), rel=1e-5)
+    assert total > 1e-3  # measured before the clip, which scaled the gradients down
+
+
 def test_policy_metrics_are_the_mean_entropy_and_kl_from_the_behaviour_policy():
     """In nats per step, checked against numpy on a batch the learner has since moved away from."""
     cfg, agent, learner, batch = adam_learner_and_batch()
