@@ -115,6 +115,8 @@ class Learner:
             # here first (entropy towards 0, or drifting far from the actors' policy).
             "policy/entropy": -negative_entropy.mean(),
             "policy/kl_from_behaviour": kl.mean(),
+            # One step far off (a blow-up in one trajectory) or the whole batch moved?
+            "policy/kl_from_behaviour_worst_step": kl.max(),
             "vtrace/mean_rho": rhos.mean(),
             "vtrace/clipped_rho_fraction": (rhos > cfg.clip_rho).float().mean(),
             "vtrace/mean_vs": vt.vs.mean(),
@@ -168,6 +170,7 @@ class Learner:
                 "losses/grad_norm": grad_norm.detach(),
                 "charts/learning_rate": torch.tensor(lr),
                 "perf/policy_lag": lag.mean(),
+                "perf/policy_lag_oldest": lag.max(),
             }
         )
         return {k: v.detach() for k, v in metrics.items()}

@@ -107,7 +107,7 @@ class IntervalPeaks:
     the agent). Values stay tensors until ``drain`` so a GPU learner does not sync.
     """
 
-    PREFIXES = ("policy/kl_from_behaviour", "losses/grad_norm", "grad_norm/")
+    PREFIXES = ("policy/kl_from_behaviour", "losses/grad_norm", "grad_norm/", "perf/policy_lag")
 
     def __init__(self, prefixes: Iterable[str] = PREFIXES) -> None:
         self.prefixes = tuple(prefixes)

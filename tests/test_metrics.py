@@ -64,12 +64,13 @@ def test_bad_metric_name_is_rejected(tmp_path):
 def test_interval_peaks_keep_the_largest_value_since_the_last_drain():
     peaks = IntervalPeaks()
     assert peaks.drain() == {}
-    for kl, grad, core in [(0.02, 30.0, 3.0), (1.1, 12.0, 9.0), (0.05, 55.0, 1.0)]:
+    for kl, grad, core, lag in [(0.02, 30.0, 3.0, 4), (1.1, 12.0, 9.0, 2), (0.05, 55.0, 1.0, 3)]:
         peaks.add(
             {
                 "policy/kl_from_behaviour": torch.tensor(kl),
                 "losses/grad_norm": torch.tensor(grad),
                 "grad_norm/core": torch.tensor(core),
+                "perf/policy_lag": torch.tensor(lag),
                 "losses/total": torch.tensor(9.0),
             }
         )
@@ -78,6 +79,7 @@ def test_interval_peaks_keep_the_largest_value_since_the_last_drain():
             "policy/kl_from_behaviour_max": 1.1,
             "losses/grad_norm_max": 55.0,
             "grad_norm/core_max": 9.0,
+            "perf/policy_lag_max": 4.0,
         }
     )
     peaks.add({"policy/kl_from_behaviour": torch.tensor(0.3)})  # a new interval starts afresh

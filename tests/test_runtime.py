@@ -145,6 +145,14 @@ def test_part_gradient_norms_make_up_the_global_norm():
     assert total > 1e-3  # measured before the clip, which scaled the gradients down
 
 
+def test_policy_lag_is_logged_as_the_batch_mean_and_its_oldest_trajectory():
+    _, _, learner, batch = learner_and_batch("delta")
+    learner.updates = 5
+    batch.version = torch.tensor([5, 4, 1, 5], dtype=batch.version.dtype)
+    stats = learner.update(batch)
+    assert float(stats["perf/policy_lag"]) == 1.25 and float(stats["perf/policy_lag_oldest"]) == 4
+
+
 def test_policy_metrics_are_the_mean_entropy_and_kl_from_the_behaviour_policy():
     """In nats per step, checked against numpy on a batch the learner has since moved away from."""
     cfg, agent, learner, batch = adam_learner_and_batch()
@@ -156,10 +164,15 @@ def test_policy_metrics_are_the_mean_entropy_and_kl_from_the_behaviour_policy():
     log_p = torch.log_softmax(logits[:-1].double(), -1).numpy()
     log_mu = torch.log_softmax(batch.logits[1:].double(), -1).numpy()
     entropy = -(np.exp(log_p) * log_p).sum(-1).mean()
-    kl = (np.exp(log_mu) * (log_mu - log_p)).sum(-1).mean()
+    kl_per_step = (np.exp(log_mu) * (log_mu - log_p)).sum(-1)
+    kl = kl_per_step.mean()
     assert kl > 1e-4  # the policy has moved
     np.testing.assert_allclose(float(stats["policy/entropy"]), entropy, rtol=1e-5)
     np.testing.assert_allclose(float(stats["policy/kl_from_behaviour"]), kl, rtol=1e-4)
+    worst = kl_per_step.max()
+    assert worst > 1.5 * kl  # the steps differ, so the worst one is not the mean
+    worst_logged = float(stats["policy/kl_from_behaviour_worst_step"])
+    np.testing.assert_allclose(worst_logged, worst, rtol=1e-4)
     steps = T * 4
     np.testing.assert_allclose(
         float(stats["losses/entropy"]), -cfg.learner.entropy_cost * steps * entropy, rtol=1e-5
