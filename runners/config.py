@@ -121,6 +121,12 @@ class LearnerConfig:
         "decay the entropy cost linearly to 0 over the learning rate's horizon "
         "(lr_decay_steps, or runtime.total_steps), whatever lr_schedule says",
     )
+    kl_cost: float = _key(
+        0.0,
+        "weight of a penalty on the KL from the actors' policy to the learner's, summed like the "
+        "other losses: it holds back the drift of the updates since the batch was collected",
+        minimum=0.0,
+    )
     reward_clip: float = _key(1.0, "clamp rewards to [-c, c] for learning (0: off)", minimum=0.0)
     clip_rho: float = _key(1.0, "V-trace rho-bar", minimum=0.0)
     clip_pg_rho: float = _key(

@@ -105,11 +105,13 @@ class Learner:
         rhos = vt.log_rhos.exp()
         behaviour_log_probs = F.log_softmax(batch.logits[1:], dim=-1)
         kl = (behaviour_log_probs.exp() * (behaviour_log_probs - log_probs)).sum(-1)
+        kl_penalty = cfg.kl_cost * kl.sum()
         return {
             "losses/pg": pg,
             "losses/baseline": baseline,
             "losses/entropy": entropy,
-            "losses/total": pg + baseline + entropy,
+            "losses/kl": kl_penalty,
+            "losses/total": pg + baseline + entropy + kl_penalty,
             "charts/entropy_cost": torch.tensor(entropy_cost),
             # In nats per step, whatever the costs and batch shape: a collapsing policy shows
             # here first (entropy towards 0, or drifting far from the actors' policy).

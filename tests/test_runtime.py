@@ -153,6 +153,29 @@ def test_policy_lag_is_logged_as_the_batch_mean_and_its_oldest_trajectory():
     assert float(stats["perf/policy_lag"]) == 1.25 and float(stats["perf/policy_lag_oldest"]) == 4
 
 
+def test_kl_cost_adds_the_summed_kl_and_pulls_the_policy_back_to_the_actors():
+    _, _, learner, batch = adam_learner_and_batch()
+    for _ in range(5):
+        learner.update(batch)  # the learner's policy drifts from the batch's behaviour policy
+    with torch.no_grad():
+        before = learner.losses(batch)
+    assert float(before["losses/kl"]) == 0.0  # kl_cost defaults to 0
+    learner.cfg.kl_cost = 2.0
+    with torch.no_grad():
+        penalised = learner.losses(batch)
+    kl_sum = float(before["policy/kl_from_behaviour"]) * T * 4
+    assert float(penalised["losses/kl"]) == pytest.approx(2.0 * kl_sum, rel=1e-5)
+    assert float(penalised["losses/total"] - before["losses/total"]) == pytest.approx(
+        2.0 * kl_sum, rel=1e-4
+    )
+    learner.cfg.kl_cost = 1e3  # the penalty outweighs the rest: the policy returns
+    for _ in range(10):
+        learner.update(batch)
+    with torch.no_grad():
+        after = float(learner.losses(batch)["policy/kl_from_behaviour"])
+    assert after < 0.2 * float(before["policy/kl_from_behaviour"])
+
+
 def test_policy_metrics_are_the_mean_entropy_and_kl_from_the_behaviour_policy():
     """In nats per step, checked against numpy on a batch the learner has since moved away from."""
     cfg, agent, learner, batch = adam_learner_and_batch()
