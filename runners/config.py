@@ -127,6 +127,13 @@ class LearnerConfig:
         "other losses: it holds back the drift of the updates since the batch was collected",
         minimum=0.0,
     )
+    ppo_clip: float = _key(
+        0.0,
+        "PPO's clipped surrogate against the actors' policy (APPO): the policy-gradient term "
+        "becomes min(r A, clip(r, 1-c, 1+c) A) with r = pi/mu and A = r_s + gamma v_{s+1} - V, "
+        "so steps already moved more than c stop pulling (0: off, plain V-trace)",
+        minimum=0.0,
+    )
     reward_clip: float = _key(1.0, "clamp rewards to [-c, c] for learning (0: off)", minimum=0.0)
     clip_rho: float = _key(1.0, "V-trace rho-bar", minimum=0.0)
     clip_pg_rho: float = _key(

@@ -22,6 +22,14 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive updates had a non-finite loss or gradient."""
 
 
+def _ppo_clipped(ratio: torch.Tensor, advantages: torch.Tensor, clip: float) -> torch.Tensor:
+    """Fraction of steps the PPO clip cuts off: past 1 ± clip in their advantage's direction."""
+    if clip <= 0:
+        return torch.zeros(())
+    past = ((advantages > 0) & (ratio > 1 + clip)) | ((advantages < 0) & (ratio < 1 - clip))
+    return past.float().mean()
+
+
 class Learner:
     """Owns the optimizer and the step counter; `update` trains on one batch."""
 
@@ -94,10 +102,17 @@ class Learner:
         )
         log_probs = F.log_softmax(target_logits, dim=-1)
         action_log_probs = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        advantages = vt.pg_advantages
+        # With the PPO clip the ratio pi/mu weights the advantage inside the surrogate, so the
+        # advantage it takes is V-trace's before its own (clipped) rho weight.
+        advantages = vt.advantages if cfg.ppo_clip > 0 else vt.pg_advantages
         if cfg.normalize_advantages:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        pg = -(action_log_probs * advantages).sum()
+        if cfg.ppo_clip > 0:
+            ratio = (action_log_probs - vt.behaviour_action_log_probs).exp()
+            bounded = ratio.clamp(1.0 - cfg.ppo_clip, 1.0 + cfg.ppo_clip)
+            pg = -torch.minimum(ratio * advantages, bounded * advantages).sum()
+        else:
+            pg = -(action_log_probs * advantages).sum()
         baseline = cfg.baseline_cost * 0.5 * (vt.vs - learner_values).pow(2).sum()
         negative_entropy = (log_probs.exp() * log_probs).sum(-1)
         entropy_cost = self.entropy_cost()
@@ -121,6 +136,8 @@ class Learner:
             "policy/kl_from_behaviour_worst_step": kl.max(),
             "vtrace/mean_rho": rhos.mean(),
             "vtrace/clipped_rho_fraction": (rhos > cfg.clip_rho).float().mean(),
+            # Steps whose surrogate is flat (no policy gradient) under the PPO clip; 0 when off.
+            "policy/ppo_clipped_fraction": _ppo_clipped(rhos, advantages, cfg.ppo_clip),
             "vtrace/mean_vs": vt.vs.mean(),
             "vtrace/mean_advantage": vt.pg_advantages.mean(),
         }

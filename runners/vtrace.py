@@ -23,6 +23,7 @@ class VTraceReturns(NamedTuple):
 
     vs: torch.Tensor
     pg_advantages: torch.Tensor
+    advantages: torch.Tensor  # r_s + γ_s v_{s+1} − V(x_s): pg_advantages before the ρ weight
     log_rhos: torch.Tensor
     behaviour_action_log_probs: torch.Tensor
     target_action_log_probs: torch.Tensor
@@ -80,25 +81,17 @@ def _clipped(rhos: torch.Tensor, threshold: float | None) -> torch.Tensor:
     return rhos if threshold is None else rhos.clamp(max=threshold)
 
 
-@torch.no_grad()
-def from_importance_weights(
+def _targets(
     log_rhos: torch.Tensor,
     discounts: torch.Tensor,
     rewards: torch.Tensor,
     values: torch.Tensor,
     bootstrap_value: torch.Tensor,
-    clip_rho_threshold: float | None = 1.0,
-    clip_pg_rho_threshold: float | None = 1.0,
-    lambda_: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """V-trace targets `vs` and policy-gradient advantages from log(π/μ) of the taken actions.
-
-    rho_t = min(rho_bar, π/μ), c_t = λ·min(1, π/μ),
-    v_s = V(x_s) + Σ_{t≥s} (Π_{i=s}^{t-1} γ_i c_i) rho_t (r_t + γ_t V(x_{t+1}) − V(x_t)),
-    computed backwards as v_s − V(x_s) = δ_s + γ_s c_s (v_{s+1} − V(x_{s+1})), with
-    V(x_T) = v_T = bootstrap_value. Advantage: min(pg_rho_bar, π/μ)·(r_s + γ_s v_{s+1} − V(x_s)).
-    A threshold of None means no clipping. Returns `(vs, pg_advantages)`, both `[T, B]`.
-    """
+    clip_rho_threshold: float | None,
+    clip_pg_rho_threshold: float | None,
+    lambda_: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(vs, pg_advantages, advantages)` with the definitions of `from_importance_weights`."""
     _check_inputs(
         log_rhos,
         discounts,
@@ -126,7 +119,39 @@ def from_importance_weights(
 
     vs_t_plus_1 = torch.cat([vs[1:], bootstrap_value.unsqueeze(0)], dim=0)
     pg_rhos = _clipped(rhos, clip_pg_rho_threshold)
-    pg_advantages = pg_rhos * (rewards + discounts * vs_t_plus_1 - values)
+    advantages = rewards + discounts * vs_t_plus_1 - values
+    return vs, pg_rhos * advantages, advantages
+
+
+@torch.no_grad()
+def from_importance_weights(
+    log_rhos: torch.Tensor,
+    discounts: torch.Tensor,
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    bootstrap_value: torch.Tensor,
+    clip_rho_threshold: float | None = 1.0,
+    clip_pg_rho_threshold: float | None = 1.0,
+    lambda_: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """V-trace targets `vs` and policy-gradient advantages from log(π/μ) of the taken actions.
+
+    rho_t = min(rho_bar, π/μ), c_t = λ·min(1, π/μ),
+    v_s = V(x_s) + Σ_{t≥s} (Π_{i=s}^{t-1} γ_i c_i) rho_t (r_t + γ_t V(x_{t+1}) − V(x_t)),
+    computed backwards as v_s − V(x_s) = δ_s + γ_s c_s (v_{s+1} − V(x_{s+1})), with
+    V(x_T) = v_T = bootstrap_value. Advantage: min(pg_rho_bar, π/μ)·(r_s + γ_s v_{s+1} − V(x_s)).
+    A threshold of None means no clipping. Returns `(vs, pg_advantages)`, both `[T, B]`.
+    """
+    vs, pg_advantages, _ = _targets(
+        log_rhos,
+        discounts,
+        rewards,
+        values,
+        bootstrap_value,
+        clip_rho_threshold,
+        clip_pg_rho_threshold,
+        lambda_,
+    )
     return vs, pg_advantages
 
 
@@ -162,7 +187,7 @@ def from_logits(
     behaviour_lp = action_log_probs(behaviour_logits, actions)
     target_lp = action_log_probs(target_logits, actions)
     log_rhos = target_lp - behaviour_lp
-    vs, pg_advantages = from_importance_weights(
+    vs, pg_advantages, advantages = _targets(
         log_rhos,
         discounts,
         rewards,
@@ -172,4 +197,4 @@ def from_logits(
         clip_pg_rho_threshold,
         lambda_,
     )
-    return VTraceReturns(vs, pg_advantages, log_rhos, behaviour_lp, target_lp)
+    return VTraceReturns(vs, pg_advantages, advantages, log_rhos, behaviour_lp, target_lp)

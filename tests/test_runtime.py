@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from runners import vtrace
 from runners.config import build_config
 from runners.factory import make_agent, probe_env, rollout_spec
 from runners.learner import Learner
@@ -174,6 +175,57 @@ def test_kl_cost_adds_the_summed_kl_and_pulls_the_policy_back_to_the_actors():
     with torch.no_grad():
         after = float(learner.losses(batch)["policy/kl_from_behaviour"])
     assert after < 0.2 * float(before["policy/kl_from_behaviour"])
+
+
+def _pg_gradient(learner, batch) -> list[torch.Tensor]:
+    learner.agent.zero_grad()
+    learner.losses(batch)["losses/pg"].backward()
+    return [p.grad.clone() for p in learner.agent.parameters() if p.grad is not None]
+
+
+def test_ppo_clip_equals_vtrace_on_policy_and_drops_steps_moved_past_the_clip():
+    _, agent, learner, batch = adam_learner_and_batch()
+    plain = _pg_gradient(learner, batch)  # the batch's policy is the learner's: π/μ = 1
+    learner.cfg.ppo_clip = 0.1
+    clipped = _pg_gradient(learner, batch)
+    for a, b in zip(plain, clipped, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    learner.cfg.ppo_clip = 0.0
+    for _ in range(5):
+        learner.update(batch)  # the learner's policy drifts from the batch's behaviour policy
+    learner.cfg.ppo_clip = clip = 0.2
+    stats = learner.losses(batch)
+    # Reference, step by step: the surrogate min(r A, clip(r) A) and the steps it cuts off.
+    logits, values, _ = agent(
+        batch.obs, batch.reward, batch.done, batch.action, batch.initial_state
+    )
+    c = learner.cfg
+    out = vtrace.from_logits(
+        batch.logits[1:], logits[:-1].detach(), batch.action[1:],
+        (~batch.done[1:]).float() * c.gamma, batch.reward[1:].clamp(-c.reward_clip, c.reward_clip),
+        values[:-1].detach(), values[-1].detach(), lambda_=c.lambda_,
+    )  # fmt: skip
+    log_pi = torch.log_softmax(logits[:-1], -1).gather(-1, batch.action[1:, :, None])[..., 0]
+    surrogate, kept, cut = 0.0, 0.0, 0
+    for t in range(T):
+        for b in range(4):
+            ratio = torch.exp(log_pi[t, b] - out.behaviour_action_log_probs[t, b])
+            adv = float(out.advantages[t, b])
+            bounded = min(max(ratio.item(), 1 - clip), 1 + clip)
+            surrogate += min(ratio.item() * adv, bounded * adv)
+            if (adv > 0 and ratio > 1 + clip) or (adv < 0 and ratio < 1 - clip):
+                cut += 1
+            else:
+                kept = kept + ratio * adv  # the only steps with a gradient
+    assert 0 < cut < T * 4  # the case cuts some steps and keeps others
+    assert float(stats["losses/pg"].detach()) == pytest.approx(-surrogate, rel=1e-5)
+    assert float(stats["policy/ppo_clipped_fraction"]) == pytest.approx(cut / (T * 4))
+    expected = torch.autograd.grad(-kept, [p for p in agent.parameters()], allow_unused=True)
+    actual = _pg_gradient(learner, batch)
+    expected = [g for g in expected if g is not None]
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
 
 
 def test_policy_metrics_are_the_mean_entropy_and_kl_from_the_behaviour_policy():

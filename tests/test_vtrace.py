@@ -28,6 +28,7 @@ def _reference(
     c = lambda_ * np.minimum(1.0, ratio)
     vs = np.zeros((T, B))
     adv = np.zeros((T, B))
+    unweighted = np.zeros((T, B))
     for b in range(B):
         V = np.append(values[:, b], bootstrap[b])  # V(x_T) = bootstrap
         delta = [rho[t, b] * (rewards[t, b] + discounts[t, b] * V[t + 1] - V[t]) for t in range(T)]
@@ -41,8 +42,9 @@ def _reference(
             vs[s, b] = V[s] + total
         v_next = np.append(vs[1:, b], bootstrap[b])  # v_T = bootstrap
         for s in range(T):
-            adv[s, b] = pg_rho[s, b] * (rewards[s, b] + discounts[s, b] * v_next[s] - V[s])
-    return vs, adv, lp_pi - lp_mu
+            unweighted[s, b] = rewards[s, b] + discounts[s, b] * v_next[s] - V[s]
+            adv[s, b] = pg_rho[s, b] * unweighted[s, b]
+    return vs, adv, lp_pi - lp_mu, unweighted
 
 
 def _case(T, B, A, seed, logit_scale=3.0, end_prob=0.2, dtype=torch.float32):
@@ -84,7 +86,7 @@ def test_matches_paper_definition(T, B, A, clip_rho, clip_pg_rho, lambda_):
     out = from_logits(
         **case, clip_rho_threshold=clip_rho, clip_pg_rho_threshold=clip_pg_rho, lambda_=lambda_
     )
-    vs, adv, log_rhos = _reference_for(case, clip_rho, clip_pg_rho, lambda_)
+    vs, adv, log_rhos, unweighted = _reference_for(case, clip_rho, clip_pg_rho, lambda_)
     if T * B >= 10:  # the case really exercises clipping and episode ends
         assert (log_rhos > math.log(2.0)).any() and (log_rhos < math.log(0.5)).any()
         assert (case["discounts"] == 0).any()
@@ -93,6 +95,7 @@ def test_matches_paper_definition(T, B, A, clip_rho, clip_pg_rho, lambda_):
     _close(out.log_rhos, log_rhos, 1e-5)
     _close(out.vs, vs, 1e-5)
     _close(out.pg_advantages, adv, 1e-5)
+    _close(out.advantages, unweighted, 1e-5)  # what the PPO clip's surrogate weighs by π/μ
     torch.testing.assert_close(
         out.log_rhos, out.target_action_log_probs - out.behaviour_action_log_probs
     )
@@ -166,7 +169,7 @@ def test_results_carry_no_grad():
 def test_float64():
     case = _case(10, 3, 4, seed=11, dtype=torch.float64)
     out = from_logits(**case, clip_rho_threshold=1.5, lambda_=0.9)
-    vs, adv, _ = _reference_for(case, 1.5, 1.0, 0.9)
+    vs, adv, _, _ = _reference_for(case, 1.5, 1.0, 0.9)
     assert out.vs.dtype == torch.float64 and out.pg_advantages.dtype == torch.float64
     _close(out.vs, vs, 1e-12)
     _close(out.pg_advantages, adv, 1e-12)
