@@ -81,17 +81,27 @@ def _clipped(rhos: torch.Tensor, threshold: float | None) -> torch.Tensor:
     return rhos if threshold is None else rhos.clamp(max=threshold)
 
 
-def _targets(
+@torch.no_grad()
+def from_importance_weights(
     log_rhos: torch.Tensor,
     discounts: torch.Tensor,
     rewards: torch.Tensor,
     values: torch.Tensor,
     bootstrap_value: torch.Tensor,
-    clip_rho_threshold: float | None,
-    clip_pg_rho_threshold: float | None,
-    lambda_: float,
+    clip_rho_threshold: float | None = 1.0,
+    clip_pg_rho_threshold: float | None = 1.0,
+    lambda_: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(vs, pg_advantages, advantages)` with the definitions of `from_importance_weights`."""
+    """V-trace targets `vs` and policy-gradient advantages from log(π/μ) of the taken actions.
+
+    rho_t = min(rho_bar, π/μ), c_t = λ·min(1, π/μ),
+    v_s = V(x_s) + Σ_{t≥s} (Π_{i=s}^{t-1} γ_i c_i) rho_t (r_t + γ_t V(x_{t+1}) − V(x_t)),
+    computed backwards as v_s − V(x_s) = δ_s + γ_s c_s (v_{s+1} − V(x_{s+1})), with
+    V(x_T) = v_T = bootstrap_value. Advantage: min(pg_rho_bar, π/μ)·(r_s + γ_s v_{s+1} − V(x_s)).
+    A threshold of None means no clipping. Returns `(vs, pg_advantages, advantages)`, all
+    `[T, B]`, where `advantages` is the last factor alone (r_s + γ_s v_{s+1} − V(x_s)), before
+    the ρ weight: what a PPO-style clipped surrogate weighs by π/μ itself.
+    """
     _check_inputs(
         log_rhos,
         discounts,
@@ -121,38 +131,6 @@ def _targets(
     pg_rhos = _clipped(rhos, clip_pg_rho_threshold)
     advantages = rewards + discounts * vs_t_plus_1 - values
     return vs, pg_rhos * advantages, advantages
-
-
-@torch.no_grad()
-def from_importance_weights(
-    log_rhos: torch.Tensor,
-    discounts: torch.Tensor,
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    bootstrap_value: torch.Tensor,
-    clip_rho_threshold: float | None = 1.0,
-    clip_pg_rho_threshold: float | None = 1.0,
-    lambda_: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """V-trace targets `vs` and policy-gradient advantages from log(π/μ) of the taken actions.
-
-    rho_t = min(rho_bar, π/μ), c_t = λ·min(1, π/μ),
-    v_s = V(x_s) + Σ_{t≥s} (Π_{i=s}^{t-1} γ_i c_i) rho_t (r_t + γ_t V(x_{t+1}) − V(x_t)),
-    computed backwards as v_s − V(x_s) = δ_s + γ_s c_s (v_{s+1} − V(x_{s+1})), with
-    V(x_T) = v_T = bootstrap_value. Advantage: min(pg_rho_bar, π/μ)·(r_s + γ_s v_{s+1} − V(x_s)).
-    A threshold of None means no clipping. Returns `(vs, pg_advantages)`, both `[T, B]`.
-    """
-    vs, pg_advantages, _ = _targets(
-        log_rhos,
-        discounts,
-        rewards,
-        values,
-        bootstrap_value,
-        clip_rho_threshold,
-        clip_pg_rho_threshold,
-        lambda_,
-    )
-    return vs, pg_advantages
 
 
 @torch.no_grad()
@@ -187,7 +165,7 @@ def from_logits(
     behaviour_lp = action_log_probs(behaviour_logits, actions)
     target_lp = action_log_probs(target_logits, actions)
     log_rhos = target_lp - behaviour_lp
-    vs, pg_advantages, advantages = _targets(
+    vs, pg_advantages, advantages = from_importance_weights(
         log_rhos,
         discounts,
         rewards,

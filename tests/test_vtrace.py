@@ -111,11 +111,11 @@ def test_hand_computed_two_steps():
         torch.tensor([3.0], dtype=torch.float64),
     )
     # clipped: ρ = c = (1, 0.5); δ = (1.3, -0.3); v1 = 1.7; v0 = 1 + 1.3 + 0.9·1·(-0.3)
-    vs, adv = from_importance_weights(*args, clip_rho_threshold=1.0, clip_pg_rho_threshold=1.0)
+    vs, adv, _ = from_importance_weights(*args, clip_rho_threshold=1.0, clip_pg_rho_threshold=1.0)
     torch.testing.assert_close(vs[:, 0], torch.tensor([2.03, 1.7], dtype=torch.float64))
     torch.testing.assert_close(adv[:, 0], torch.tensor([1.03, -0.3], dtype=torch.float64))
     # unclipped ρ = (2, 0.5) but c stays min(1, π/μ) = (1, 0.5): δ0 = 2.6
-    vs, adv = from_importance_weights(*args, clip_rho_threshold=None, clip_pg_rho_threshold=None)
+    vs, adv, _ = from_importance_weights(*args, clip_rho_threshold=None, clip_pg_rho_threshold=None)
     torch.testing.assert_close(vs[:, 0], torch.tensor([3.33, 1.7], dtype=torch.float64))
     torch.testing.assert_close(adv[:, 0], torch.tensor([2.06, -0.3], dtype=torch.float64))
 
