@@ -16,7 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from runners.checkpoint import CheckpointManager, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST_MEMORY = ["--config", "configs/memory.yaml", "logging.every_s=1"]
+# One learner thread: the model is tiny, and two threads stall when other jobs share the cores.
+FAST_MEMORY = ["--config", "configs/memory.yaml", "logging.every_s=1", "runtime.learner_threads=1"]
+SYNC = "runtime.backend=sync"  # one process: each run a fixed function of its seed
 
 
 def train(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -29,28 +31,40 @@ def train(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     )
 
 
-def recent_returns(run_dir: Path, last: int = 100) -> list[float]:
+def episode_returns(run_dir: Path) -> list[float]:
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     events.Reload()
-    return [e.value for e in events.Scalars("charts/episodic_return")][-last:]
+    return [e.value for e in events.Scalars("charts/episodic_return")]
 
 
 def success_rate(run_dir: Path) -> float:
-    returns = recent_returns(run_dir)
+    """The success rate of the last 100 training games."""
+    returns = episode_returns(run_dir)[-100:]
     assert len(returns) == 100
     return sum(r > 0 for r in returns) / len(returns)
+
+
+def peak_success_rate(run_dir: Path) -> float:
+    """The best success rate over any 100 consecutive training games: whether it was learned."""
+    right = [r > 0 for r in episode_returns(run_dir)]
+    assert len(right) >= 100
+    return max(sum(right[i : i + 100]) for i in range(len(right) - 99)) / 100
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_memory_task_is_learned_by_fwp_cores_not_by_ff(tmp_path):
-    """Delay 8, unroll 16, 2 cues: rdn and delta remember the cue, ff stays at chance."""
+    """Delay 8, unroll 16, 2 cues: rdn and delta remember the cue, ff stays at chance.
+
+    The sync backend makes each run a fixed function of the seed: on the local backend the
+    actors' timing varies, and a few runs in a hundred unlearn the task after learning it
+    (docs/results/README.md, memory task), which would make this check flaky, not stricter.
+    """
     rates = {}
     for core in ("rdn", "delta", "ff"):
         run = tmp_path / core
-        out = train(
-            *FAST_MEMORY, f"run.dir={run}", f"agent.core={core}", "runtime.total_steps=80000"
-        )
+        steps = "runtime.total_steps=80000"
+        out = train(*FAST_MEMORY, f"run.dir={run}", f"agent.core={core}", SYNC, steps)
         assert out.returncode == 0, out.stderr[-2000:]
         rates[core] = success_rate(run)
     assert rates["rdn"] >= 0.9 and rates["delta"] >= 0.9, rates
@@ -60,7 +74,7 @@ def test_memory_task_is_learned_by_fwp_cores_not_by_ff(tmp_path):
 def test_summaries_carry_each_intervals_peak_kl_and_grad_norm(tmp_path):
     """Every summary logs the largest KL and gradient norm of all updates since the last one."""
     run = tmp_path / "run"
-    args = [*FAST_MEMORY, f"run.dir={run}", "runtime.backend=sync", "runtime.total_steps=8192"]
+    args = [*FAST_MEMORY, f"run.dir={run}", SYNC, "runtime.total_steps=8192"]
     out = train(*args, "logging.every_s=0.1")
     assert out.returncode == 0, out.stderr[-2000:]
     events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
@@ -74,7 +88,7 @@ def test_summaries_carry_each_intervals_peak_kl_and_grad_norm(tmp_path):
 
 def test_resume_continues_counters_and_optimizer(tmp_path):
     run = tmp_path / "run"
-    base = [*FAST_MEMORY, f"run.dir={run}", "runtime.backend=sync", "runtime.total_steps=2048"]
+    base = [*FAST_MEMORY, f"run.dir={run}", SYNC, "runtime.total_steps=2048"]
     assert train(*base).returncode == 0
     first = load_checkpoint(CheckpointManager(run / "checkpoints").list()[-1])
     assert first["steps"] == 2048 and first["learner"]["updates"] == 4
@@ -89,7 +103,7 @@ def test_resume_continues_counters_and_optimizer(tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):
     run = tmp_path / "run"
-    base = [*FAST_MEMORY, f"run.dir={run}", "runtime.backend=sync"]
+    base = [*FAST_MEMORY, f"run.dir={run}", SYNC]
     assert train(*base, "runtime.total_steps=1024").returncode == 0
     assert train(*base, "runtime.total_steps=2048").returncode == 0
     latest = CheckpointManager(run / "checkpoints").list()[-1]
@@ -102,7 +116,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):
 
 def test_restart_archives_the_previous_run(tmp_path):
     run = tmp_path / "run"
-    base = [*FAST_MEMORY, f"run.dir={run}", "runtime.backend=sync", "runtime.total_steps=512"]
+    base = [*FAST_MEMORY, f"run.dir={run}", SYNC, "runtime.total_steps=512"]
     assert train(*base).returncode == 0
     out = train(*base, "run.restart=true")
     assert out.returncode == 0 and "resumed" not in out.stderr
@@ -167,7 +181,7 @@ def test_bad_input_exits_with_one_line_and_writes_nothing(tmp_path, args, messag
 
 def test_checkpoint_of_another_game_is_refused(tmp_path):
     run = tmp_path / "run"
-    base = [*FAST_MEMORY, f"run.dir={run}", "runtime.backend=sync", "runtime.total_steps=512"]
+    base = [*FAST_MEMORY, f"run.dir={run}", SYNC, "runtime.total_steps=512"]
     assert train(*base).returncode == 0
     before = sorted(os.listdir(run / "checkpoints"))
     out = train(*base, "env.kwargs.num_cues=3", "runtime.total_steps=1024")
@@ -181,7 +195,7 @@ def test_periodic_evaluation_runs_beside_training(tmp_path):
     out = train(
         *FAST_MEMORY,
         f"run.dir={run}",
-        "runtime.backend=sync",
+        SYNC,
         "runtime.total_steps=100000000",
         "runtime.time_limit_s=25",
         "eval.every_steps=2048",
