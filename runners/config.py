@@ -159,8 +159,9 @@ class RuntimeConfig:
     device: str = _key("auto", "learner device", choices=("auto", "cpu", "cuda"))
     learner_threads: int = _key(
         0,
-        "torch threads of the learner (0: cores minus those of the actors and of a CPU inference "
-        "server, at least 1)",
+        "torch threads of the learner (0: on the sync backend every core, otherwise the cores "
+        "minus those of the actors and of a CPU inference server, at least 1; a tiny model on a "
+        "shared machine runs better with 1)",
         minimum=0,
     )
     actor_threads: int = _key(1, "torch threads per actor process", minimum=1)
