@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.learn import run_child  # noqa: E402
 from benchmarks.run_report import LEVELS  # noqa: E402
 
 PACKAGES = (
@@ -54,6 +54,7 @@ ARGS = (
     "--experiment_summaries_interval=10",
 )
 FRAMES_PER_STEP = 4
+STARTUP_S = 30  # from launch to Sample Factory's first summary, where its minutes start
 # Sample Factory's running mean covers the games finished so far, up to 100; early Pong games
 # last about 800 agent steps each, so by 150k steps (32 envs) the mean spans 100 games.
 FULL_WINDOW_STEPS = 150_000
@@ -118,6 +119,27 @@ def ensure_venv(venv: Path) -> Path:
     return python
 
 
+def run_for(command: list[str], seconds: float, log: Path) -> None:
+    """Run Sample Factory for `seconds`, then stop it with SIGINT as Ctrl-C would: it saves and
+    stops its workers. (Its `--train_for_seconds` did not stop 2.1.1 here.) A SIGTERM to this
+    script or a Ctrl-C stops it the same way, so no worker outlives the benchmark."""
+    with (
+        open(log, "w") as sink,
+        subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT) as child,
+    ):
+        previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGINT))
+        try:
+            child.wait(timeout=seconds)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="sample-factory-pong")
@@ -137,12 +159,10 @@ def main() -> None:
         *ARGS,
         f"--experiment={args.name}",
         f"--train_dir={args.train_dir}",
-        f"--train_for_seconds={int(args.minutes * 60)}",
         "--restart_behavior=overwrite",
         *args.extra,
     ]
-    with open(log, "w") as sink:
-        run_child(command, stdout=sink, stderr=subprocess.STDOUT)
+    run_for(command, args.minutes * 60 + STARTUP_S, log)
     rows = read_summaries(log.read_text(errors="replace"))
     if not rows:
         sys.exit(f"sample_factory_pong.py: no game finished; see {log}")

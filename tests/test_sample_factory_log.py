@@ -1,8 +1,10 @@
-"""benchmarks/sample_factory_pong.py: Sample Factory's log read back into a curve."""
+"""benchmarks/sample_factory_pong.py: Sample Factory's log read back into a curve; its stop."""
 
 from __future__ import annotations
 
-from benchmarks.sample_factory_pong import read_summaries, summarise
+import sys
+
+from benchmarks.sample_factory_pong import read_summaries, run_for, summarise
 
 LOG = """\
 [2026-11-29 15:14:00,100][00857] Fps is (...). Total num frames: 0. Throughput: (...)
@@ -34,3 +36,10 @@ def test_levels_count_only_once_the_mean_spans_a_full_window() -> None:
     assert summary["steps"] == 600_000
     assert summary["mean_sps"] == 500
     assert summary["last_100_end"] == 1.25
+
+
+def test_run_for_stops_the_child_with_sigint_when_time_is_up(tmp_path) -> None:
+    log = tmp_path / "child.log"
+    child = "import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('stopped')"
+    run_for([sys.executable, "-c", child], 3.0, log)  # time enough to reach the try
+    assert log.read_text().strip() == "stopped"
