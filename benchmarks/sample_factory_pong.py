@@ -15,8 +15,10 @@ and prints one JSON line: mean agent steps/s and when the mean first reached eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import re
 import signal
 import subprocess
@@ -119,13 +121,26 @@ def ensure_venv(venv: Path) -> Path:
     return python
 
 
-def run_for(command: list[str], seconds: float, log: Path) -> None:
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: the stop signal below would be lost.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_for(command: list[str], seconds: float, log: Path, grace: float = 60.0) -> None:
     """Run Sample Factory for `seconds`, then stop it with SIGINT as Ctrl-C would: it saves and
     stops its workers. (Its `--train_for_seconds` did not stop 2.1.1 here.) A SIGTERM to this
-    script or a Ctrl-C stops it the same way, so no worker outlives the benchmark."""
+    script or a Ctrl-C stops it the same way; if it has not exited `grace` seconds later, its
+    whole process group is killed, so no worker outlives the benchmark."""
     with (
         open(log, "w") as sink,
-        subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT) as child,
+        subprocess.Popen(
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_default_sigint,
+        ) as child,
     ):
         previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGINT))
         try:
@@ -133,11 +148,13 @@ def run_for(command: list[str], seconds: float, log: Path) -> None:
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             child.send_signal(signal.SIGINT)
             try:
-                child.wait(timeout=60)
+                child.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                child.kill()
+                os.killpg(child.pid, signal.SIGKILL)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)  # workers the main process left behind
 
 
 def main() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import time
+from pathlib import Path
 
 from benchmarks.sample_factory_pong import read_summaries, run_for, summarise
 
@@ -41,5 +44,35 @@ def test_levels_count_only_once_the_mean_spans_a_full_window() -> None:
 def test_run_for_stops_the_child_with_sigint_when_time_is_up(tmp_path) -> None:
     log = tmp_path / "child.log"
     child = "import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('stopped')"
-    run_for([sys.executable, "-c", child], 3.0, log)  # time enough to reach the try
+    # As in a background job of a shell: SIGINT ignored, which the child would inherit.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        run_for([sys.executable, "-c", child], 3.0, log)  # time enough to reach the try
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert log.read_text().strip() == "stopped"
+
+
+def test_run_for_kills_the_group_of_a_child_that_ignores_sigint(tmp_path) -> None:
+    log = tmp_path / "child.log"
+    child = (
+        "import signal, subprocess, time\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "worker = subprocess.Popen(['sleep', '60'])\n"
+        "print(worker.pid, flush=True)\n"
+        "time.sleep(60)"
+    )
+    run_for([sys.executable, "-c", child], 3.0, log, grace=1.0)
+    worker = int(log.read_text())
+    deadline = time.monotonic() + 10
+    while alive(worker):
+        assert time.monotonic() < deadline, "the worker outlived run_for"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
