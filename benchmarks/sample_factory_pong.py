@@ -106,9 +106,10 @@ def summarise(rows: list[tuple[float, int, float]], levels=LEVELS) -> dict:
 
 
 def ensure_venv(venv: Path) -> Path:
-    """The venv's python, creating and filling the venv first if it has none."""
-    python = venv / "bin" / "python"
-    if not python.exists():
+    """The venv's python, creating and filling the venv first unless a previous call finished
+    it (the marker is written last, so an interrupted install is redone, not trusted)."""
+    python, ready = venv / "bin" / "python", venv / "deltabeast-ready"
+    if not ready.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *PACKAGES], check=True)
         site = subprocess.run(
@@ -118,6 +119,7 @@ def ensure_venv(venv: Path) -> Path:
             text=True,
         ).stdout.strip()
         (Path(site) / "deltabeast_register_ale.pth").write_text("import ale_py\n")
+        ready.write_text(" ".join(PACKAGES) + "\n")
     return python
 
 
