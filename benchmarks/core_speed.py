@@ -6,6 +6,10 @@ Sections (``--sections``, default all):
           fast path also with the fused C kernels switched off (``cpu_kernels: false``)
   recurrence  fwd+bwd ms of each recurrence function alone (T=50, B=32, 4 heads of 32) per
           impl and threads, against the issue's "fast >= 5x the per-step reference"
+  floor   fwd+bwd ms of each FWP core with its recurrence replaced by a pass-through (the
+          slow projection, output projection, feed-forward, layer norms and residuals only):
+          the dense work no recurrence kernel can remove, next to ``nn.LSTM`` and the real core,
+          the three run in turn
   act     single-step latency (T=1, no_grad) at B=8 and B=32 per core and threads (likewise)
   memory  bytes saved for backward and peak RSS growth of one fwd+bwd, each config in a
           fresh process
@@ -24,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -35,12 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agents.agent import build_agent  # noqa: E402
 from agents.cores import cpu_kernels, make_core  # noqa: E402
 from agents.cores import fast_weights as fw  # noqa: E402
+from agents.cores.fwp import FastWeightLayer  # noqa: E402
 from agents.torso import make_torso  # noqa: E402
 
 T, B, INPUT = 50, 32, 257
 FWP = ("lt", "delta", "delta_rnn", "rdn", "delta_lstm")
 SEQUENTIAL = ("delta_rnn", "rdn", "delta_lstm")  # the cores with fused C kernels
-SECTIONS = ("train", "recurrence", "act", "memory", "torso")
+SECTIONS = ("train", "recurrence", "floor", "act", "memory", "torso")
 HEADS, HEAD_DIM = 4, 32
 
 
@@ -49,14 +54,24 @@ def emit(**record: object) -> None:
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    return alternating_medians([fn], repeats, warmup)[0]
+
+
+def alternating_medians(
+    fns: list[Callable[[], object]], repeats: int, warmup: int = 2
+) -> list[float]:
+    """Median ms of each function, run in turn (A B C A B C ...) so that a drift in the
+    machine's speed moves all of them alike and their ratios stay fair."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return round(statistics.median(times), 3)
+        for fn, samples in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+    return [round(statistics.median(samples), 3) for samples in times]
 
 
 def episode_starts(t: int, b: int) -> torch.Tensor:
@@ -176,6 +191,53 @@ def run_recurrence(threads: list[int], repeats: int) -> None:
                 with kernels_switch(opts):
                     ms = median_ms(step, repeats)
                 emit(section="recurrence", recurrence=name, **opts, threads=n, fwd_bwd_ms=ms)
+
+
+def _pass_through(
+    layer: FastWeightLayer, x: torch.Tensor, done: torch.Tensor, state: tuple
+) -> tuple[torch.Tensor, tuple]:
+    """The layer's dense work without its recurrence: the whole slow projection is computed
+    and back-propagated (its gradient is zero outside the slice read), then projected out."""
+    y = layer.slow(x)[..., : layer.num_heads * layer.head_dim]
+    return layer.out(y), state
+
+
+@contextlib.contextmanager
+def recurrence_removed() -> Iterator[None]:
+    forward = FastWeightLayer.forward
+    FastWeightLayer.forward = _pass_through
+    try:
+        yield
+    finally:
+        FastWeightLayer.forward = forward
+
+
+def run_floor(threads: list[int], repeats: int) -> None:
+    x = torch.randn(T, B, INPUT)
+    done = episode_starts(T, B)
+    for n in threads:
+        torch.set_num_threads(n)
+        for name in FWP:
+            torch.manual_seed(0)
+            lstm = train_step(BareLSTM(), x, done)
+            core = train_step(make_core(name, INPUT), x, done)
+            dense = train_step(make_core(name, INPUT), x, done)
+
+            def dense_only(dense=dense) -> None:
+                with recurrence_removed():
+                    dense()
+
+            lstm_ms, core_ms, floor_ms = alternating_medians([lstm, core, dense_only], repeats)
+            emit(
+                section="floor",
+                core=name,
+                threads=n,
+                lstm_ms=lstm_ms,
+                fwd_bwd_ms=core_ms,
+                without_recurrence_ms=floor_ms,
+                ratio_to_lstm=round(core_ms / lstm_ms, 2),
+                floor_ratio_to_lstm=round(floor_ms / lstm_ms, 2),
+            )
 
 
 def run_act(threads: list[int], repeats: int) -> None:
@@ -309,6 +371,8 @@ def main() -> None:
         run_train(threads, args.repeats)
     if "recurrence" in sections:
         run_recurrence(threads, args.repeats)
+    if "floor" in sections:
+        run_floor(threads, args.repeats)
     if "act" in sections:
         run_act(threads, args.repeats)
     if "memory" in sections:
