@@ -1,0 +1,82 @@
+"""float32 GEMM speed of torch's two CPU routes at the learner's shapes; one JSON object each.
+
+torch's CPU `mm`/`nn.Linear` call MKL, whose sgemm takes a slower code path on AMD CPUs than on
+Intel ones, while convolutions and `nn.LSTM` go through oneDNN, which does not. This prints, per
+shape and thread count, the ms and GFLOP/s of `x @ w.T` (MKL) and of oneDNN's linear on the
+same dense tensors (`torch.ops.mkldnn._linear_pointwise`), and their largest difference.
+
+    python benchmarks/gemm_backends.py [--threads 1,2] [--repeats 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# (rows, in, out): T*B = 1600 rows of the paper's unroll (T=50, B=32)
+SHAPES = {
+    "fwp input_proj 257->128": (1600, 257, 128),
+    "lt/delta slow 128->384": (1600, 128, 384),
+    "delta_lstm slow 128->1944": (1600, 128, 1944),
+    "ff 128->512": (1600, 128, 512),
+    "nn.LSTM input 257->1024": (1600, 257, 1024),
+    "weight grad 1600 rows, 128x384": (384, 1600, 128),
+    "nature fc 3136->512": (1600, 3136, 512),
+}
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    onednn = torch.ops.mkldnn._linear_pointwise
+    for n in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(n)
+        for name, (rows, k, out) in SHAPES.items():
+            g = torch.Generator().manual_seed(0)
+            x, w = torch.randn(rows, k, generator=g), torch.randn(out, k, generator=g)
+            flop = 2 * rows * k * out
+            mkl_ms = median_ms(lambda x=x, w=w: x @ w.t(), args.repeats)
+            dnn_ms = median_ms(lambda x=x, w=w: onednn(x, w, None, "none", [], ""), args.repeats)
+            diff = (onednn(x, w, None, "none", [], "") - x @ w.t()).abs().max().item()
+            record = {
+                "shape": name,
+                "threads": n,
+                "cpu": cpu_name(),
+                "mkl_ms": round(mkl_ms, 3),
+                "onednn_ms": round(dnn_ms, 3),
+                "mkl_gflops": round(flop / mkl_ms / 1e6),
+                "onednn_gflops": round(flop / dnn_ms / 1e6),
+                "onednn_speedup": round(mkl_ms / dnn_ms, 2),
+                "max_abs_diff": diff,
+            }
+            print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
