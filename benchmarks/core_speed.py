@@ -204,6 +204,7 @@ def _pass_through(
 
 @contextlib.contextmanager
 def recurrence_removed() -> Iterator[None]:
+    """Every FWP layer runs ``_pass_through`` inside the block; the real forward after it."""
     forward = FastWeightLayer.forward
     FastWeightLayer.forward = _pass_through
     try:

@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
     onednn = torch.ops.mkldnn._linear_pointwise
+    cpu = cpu_name()
     for n in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(n)
         for name, (rows, k, out) in SHAPES.items():
@@ -58,7 +59,7 @@ def main() -> None:
             record = {
                 "shape": name,
                 "threads": n,
-                "cpu": cpu_name(),
+                "cpu": cpu,
                 "mkl_ms": round(mkl_ms, 3),
                 "onednn_ms": round(dnn_ms, 3),
                 "mkl_gflops": round(flop / mkl_ms / 1e6),
