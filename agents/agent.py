@@ -16,6 +16,7 @@ from torch import nn
 
 from agents.cores import make_core
 from agents.cores.fwp import FWPCore
+from agents.linear import Linear
 from agents.torso import make_torso
 
 State = tuple[torch.Tensor, ...]
@@ -40,8 +41,8 @@ class ActorCritic(nn.Module):
         self.core = core
         self.num_actions = num_actions
         self.prev_action = prev_action
-        self.policy = nn.Linear(core.output_size, num_actions)
-        self.baseline = nn.Linear(core.output_size, 1)
+        self.policy = Linear(core.output_size, num_actions)
+        self.baseline = Linear(core.output_size, 1)
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return self.core.initial_state(batch_size, device)

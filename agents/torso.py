@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from agents.linear import Linear
+
 TORSO_NAMES = ("impala", "nature", "mlp")
 
 
@@ -74,7 +76,7 @@ class Torso(nn.Module):
         self.body = body
         with torch.no_grad():
             flat = body(torch.zeros(1, *obs_shape)).shape[1]
-        self.fc = nn.Linear(flat, output_size)
+        self.fc = Linear(flat, output_size)
         if conv:
             self.body.to(memory_format=torch.channels_last)
 

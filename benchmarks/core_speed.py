@@ -9,7 +9,8 @@ Sections (``--sections``, default all):
   floor   fwd+bwd ms of each FWP core with its recurrence replaced by a pass-through (the
           slow projection, output projection, feed-forward, layer norms and residuals only):
           the dense work no recurrence kernel can remove, next to ``nn.LSTM`` and the real core,
-          the three run in turn
+          each with its linear layers on MKL and on oneDNN (agents/linear.py), all run in
+          turn; ``fwd_bwd_ms`` is the route the layers pick on their own (``auto_route``)
   act     single-step latency (T=1, no_grad) at B=8 and B=32 per core and threads (likewise)
   memory  bytes saved for backward and peak RSS growth of one fwd+bwd, each config in a
           fresh process
@@ -36,6 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agents import linear  # noqa: E402
 from agents.agent import build_agent  # noqa: E402
 from agents.cores import cpu_kernels, make_core  # noqa: E402
 from agents.cores import fast_weights as fw  # noqa: E402
@@ -213,31 +215,46 @@ def recurrence_removed() -> Iterator[None]:
         FastWeightLayer.forward = forward
 
 
+def _routed(step: Callable[[], None], onednn: bool, dense: bool) -> Callable[[], None]:
+    """``step`` with its linear layers on one GEMM route, with or without the recurrence."""
+
+    def run() -> None:
+        with linear.forced(onednn), recurrence_removed() if dense else contextlib.nullcontext():
+            step()
+
+    return run
+
+
 def run_floor(threads: list[int], repeats: int) -> None:
     x = torch.randn(T, B, INPUT)
     done = episode_starts(T, B)
     for n in threads:
         torch.set_num_threads(n)
+        auto = "onednn" if linear._onednn_faster(n) else "mkl"
         for name in FWP:
             torch.manual_seed(0)
             lstm = train_step(BareLSTM(), x, done)
             core = train_step(make_core(name, INPUT), x, done)
-            dense = train_step(make_core(name, INPUT), x, done)
-
-            def dense_only(dense=dense) -> None:
-                with recurrence_removed():
-                    dense()
-
-            lstm_ms, core_ms, floor_ms = alternating_medians([lstm, core, dense_only], repeats)
+            routed = [_routed(core, on, dense) for dense in (False, True) for on in (False, True)]
+            lstm_ms, mkl_ms, dnn_ms, mkl_floor, dnn_floor = alternating_medians(
+                [lstm, *routed], repeats
+            )
+            core_ms, floor_ms = (dnn_ms, dnn_floor) if auto == "onednn" else (mkl_ms, mkl_floor)
             emit(
                 section="floor",
                 core=name,
                 threads=n,
+                auto_route=auto,
                 lstm_ms=lstm_ms,
                 fwd_bwd_ms=core_ms,
                 without_recurrence_ms=floor_ms,
                 ratio_to_lstm=round(core_ms / lstm_ms, 2),
                 floor_ratio_to_lstm=round(floor_ms / lstm_ms, 2),
+                mkl_ms=mkl_ms,
+                onednn_ms=dnn_ms,
+                mkl_floor_ms=mkl_floor,
+                onednn_floor_ms=dnn_floor,
+                onednn_speedup=round(mkl_ms / dnn_ms, 2),
             )
 
 

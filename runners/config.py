@@ -389,6 +389,16 @@ def build_config(preset: str | Path | None = None, overrides: list[str] = ()) ->
     return cfg
 
 
+def check_environment() -> None:
+    """The environment variables that steer a run, checked before anything starts."""
+    from agents.linear import route  # here: importing the agents package imports torch
+
+    try:
+        route()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def validate(cfg: Config) -> None:
     """Checks that involve several keys."""
     per_actor, rest = divmod(cfg.env.num_envs, cfg.runtime.num_actors)

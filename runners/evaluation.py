@@ -49,7 +49,15 @@ from envs.video import (
     upscale_factor,
 )
 from runners.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-from runners.config import Config, ConfigError, apply, from_dict, parse_override, validate
+from runners.config import (
+    Config,
+    ConfigError,
+    apply,
+    check_environment,
+    from_dict,
+    parse_override,
+    validate,
+)
 from runners.factory import make_agent, make_env
 from runners.human_scores import human_normalized
 
@@ -210,6 +218,7 @@ def eval_config(saved: dict, protocol: Protocol, overrides: Sequence[str]) -> Co
     for text in overrides:
         apply(cfg, *parse_override(text))
     validate(cfg)
+    check_environment()
     return cfg
 
 

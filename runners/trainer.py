@@ -28,6 +28,7 @@ from runners.config import (
     ConfigError,
     apply,
     build_config,
+    check_environment,
     dump_yaml,
     from_dict,
     load_preset,
@@ -63,6 +64,7 @@ def resolve_config(preset: str | None, overrides: list[str]) -> Config:
 
     A new run (or run.restart=true) starts from the preset, as `build_config` does.
     """
+    check_environment()
     parsed = [parse_override(text) for text in overrides]
     run_dir = next((v for k, v in parsed if k == "run.dir"), None)
     restart = next((v for k, v in parsed if k == "run.restart"), False)

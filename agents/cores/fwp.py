@@ -18,6 +18,7 @@ from torch import nn
 
 from agents.cores import cpu_kernels, cpu_recurrences, triton_kernels
 from agents.cores import fast_weights as fw
+from agents.linear import Linear
 
 State = tuple[torch.Tensor, ...]
 
@@ -176,8 +177,8 @@ class FastWeightLayer(nn.Module):
         self.widths = [
             num_heads * g * (1 if _is_scalar(name) else head_dim) for name, _ in self.spec.fields
         ]
-        self.slow = nn.Linear(hidden_size, sum(self.widths), bias=False)
-        self.out = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.slow = Linear(hidden_size, sum(self.widths), bias=False)
+        self.out = Linear(num_heads * head_dim, hidden_size, bias=False)
         if kind == "rdn":
             std = head_dim**-0.5
             self.Rq = nn.Parameter(torch.randn(num_heads, head_dim, head_dim) * std)
@@ -269,7 +270,7 @@ class FWPCore(nn.Module):
         self.bf16 = bf16
         self.input_size = input_size
         self.output_size = hidden_size
-        self.input_proj = nn.Linear(input_size, hidden_size)
+        self.input_proj = Linear(input_size, hidden_size)
         self.norms1 = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(num_layers))
         self.fwps = nn.ModuleList(
             FastWeightLayer(kind, hidden_size, num_heads, head_dim, state_grad, impl)
@@ -278,10 +279,10 @@ class FWPCore(nn.Module):
         self.norms2 = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(num_layers))
         self.ffs = nn.ModuleList(
             nn.Sequential(
-                nn.Linear(hidden_size, ff_size),
+                Linear(hidden_size, ff_size),
                 nn.ReLU(),
                 nn.Dropout(dropout),
-                nn.Linear(ff_size, hidden_size),
+                Linear(ff_size, hidden_size),
             )
             for _ in range(num_layers)
         )
