@@ -7,7 +7,10 @@ both see the same machine state. Any change to the cores' code can be compared t
 kernels' calling convention included. Prints one JSON object per measurement with both medians
 and the speed-up.
 
-    python benchmarks/kernel_ab.py --base HEAD~1 --threads 1,2 --blocks 4 --repeats 10
+    python benchmarks/kernel_ab.py --base HEAD~1 --threads 1,2 --blocks 4 --repeats 10 \
+        [--cores delta_rnn,rdn,delta_lstm] [--what recurrence,core]
+
+(``recurrence`` times ``fast_weights.<name>``: for lt and delta use ``core``.)
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SEQUENTIAL = ("delta_rnn", "rdn", "delta_lstm")
+CORES = ("lt", "delta", "delta_rnn", "rdn", "delta_lstm")
 
 # Runs in a child whose working directory is the tree under test; prints the times in ms.
 CHILD = """
@@ -76,12 +79,17 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--blocks", type=int, default=4, help="alternations of the two trees")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per block")
+    parser.add_argument("--cores", default="delta_rnn,rdn,delta_lstm", help=f"of {CORES}")
+    parser.add_argument("--what", default="recurrence,core", help="recurrence and/or core")
     args = parser.parse_args()
+    cores, whats = args.cores.split(","), args.what.split(",")
+    if not set(cores) <= set(CORES) or not set(whats) <= {"recurrence", "core"}:
+        parser.error(f"--cores takes {', '.join(CORES)}; --what takes recurrence, core")
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"base": export(args.base, Path(tmp)), "head": ROOT}
         for threads in (int(n) for n in args.threads.split(",")):
-            for name in SEQUENTIAL:
-                for what in ("recurrence", "core"):
+            for name in cores:
+                for what in whats:
                     times: dict[str, list[float]] = {tag: [] for tag in trees}
                     for block in range(args.blocks):
                         order = list(trees) if block % 2 == 0 else list(trees)[::-1]

@@ -121,13 +121,17 @@ def test_inference_and_thread_count_give_the_same_numbers(name):
 
 @needs_kernels
 @pytest.mark.parametrize("state_grad", ["full", "none"])
-@pytest.mark.parametrize("name", ["delta_rnn", "delta_lstm"])
-def test_layer_reading_its_projection_matches_the_torch_path(name, state_grad):
+@pytest.mark.parametrize(
+    ("name", "head_dim"),
+    [("lt", 16), ("lt", 32), ("delta", 16), ("delta", 32), ("delta_rnn", 16), ("delta_lstm", 16)],
+)
+def test_layer_reading_its_projection_matches_the_torch_path(name, head_dim, state_grad):
     # These layers hand their raw slow projection to the kernel, which applies the activations
     # itself and returns the projection's gradient; with the kernels off the same core takes
-    # torch's activations and recurrence. Resets inside, a non-zero initial state.
+    # torch's activations and recurrence (lt and delta: the chunk-parallel and detached
+    # forms). Resets inside, a non-zero initial state.
     torch.manual_seed(0)
-    sizes = dict(hidden_size=32, num_layers=2, num_heads=2, head_dim=16, ff_size=64)
+    sizes = dict(hidden_size=32, num_layers=2, num_heads=2, head_dim=head_dim, ff_size=64)
     core = make_core(name, 20, state_grad=state_grad, **sizes)
     T, B = 12, 3
     x = torch.randn(T, B, 20, requires_grad=True)
@@ -138,9 +142,14 @@ def test_layer_reading_its_projection_matches_the_torch_path(name, state_grad):
         with cpu_kernels.forced(on):
             y, final = core(x, done, state)
         outs = [y, *final]
+        # lt and delta under "none" detach the final state on both routes
+        differentiable = [o for o in outs if o.requires_grad]
         g = torch.Generator().manual_seed(1)
-        cotangents = [torch.randn(o.shape, generator=g) for o in outs]
+        cotangents = [torch.randn(o.shape, generator=g) for o in differentiable]
         leaves = [x, *state, *core.parameters()]
-        results[on] = [*outs, *torch.autograd.grad(outs, leaves, cotangents)]
+        grads = torch.autograd.grad(differentiable, leaves, cotangents, allow_unused=True)
+        pairs = zip(grads, leaves, strict=True)
+        grads = [torch.zeros_like(v) if d is None else d for d, v in pairs]
+        results[on] = [*outs, *grads, torch.tensor([float(o.requires_grad) for o in outs])]
     for a, b in zip(results[True], results[False], strict=True):
         assert (a - b).abs().max() <= 1e-5 * max(a.abs().max(), 1.0)

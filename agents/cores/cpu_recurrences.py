@@ -1,4 +1,4 @@
-"""``rdn``, ``delta_rnn`` and ``delta_lstm`` on the fused C kernels of ``cpu_kernels``.
+"""``rdn``, ``delta_rnn``, ``delta_lstm`` (and the ``lt``/``delta`` layers) on the fused C kernels.
 
 Same arguments and results as ``recurrent_fast_weights`` (already checked there), float32 CPU
 tensors. Each forward and backward is one kernel call: a program per (batch element, head) runs
@@ -6,15 +6,16 @@ the whole unroll with its fast weights in cache (see csrc/fwp_cpu.c). The forwar
 per-step vectors the backward needs; the backward rewinds the fast weights from the final ones,
 restoring those a reset erased from a copy the forward kept.
 
-The delta_rnn and delta_lstm kernels read their inputs from a projection row [T,B,F] in place:
-``*_projected`` hands them a layer's raw slow projection, which they activate themselves
-(``PROJECTED``, used by agents/cores/fwp.py), and the functions with activated inputs lay those
-out as such a row.
+The lt, delta, delta_rnn and delta_lstm kernels read their inputs from a projection row [T,B,F]
+in place: ``*_projected`` hands them a layer's raw slow projection, which they activate
+themselves (``PROJECTED``, used by agents/cores/fwp.py), and the functions with activated inputs
+lay those out as such a row.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 from torch import Tensor
@@ -93,6 +94,45 @@ class _RDNCpu(torch.autograd.Function):
             gX[..., 3 * d :], gP[..., :d], gP[..., d : 2 * d], gP[..., 2 * d : 3 * d],
             gP[..., 3 * d], gW0, gy0,
         )  # fmt: skip
+
+
+class _FastWeightCpu(torch.autograd.Function):
+    """``lt`` (delta False) and ``delta`` over a raw projection row, one kernel call each way."""
+
+    @staticmethod
+    def forward(ctx, state_grad, train, activate, delta, num_heads, done, P, W0):
+        T, B, _ = P.shape
+        H, d = num_heads, W0.shape[-1]
+        keep, slot, n_slots = _resets(done)
+        P, W0 = _c(P, W0)
+        Y, W_last = P.new_empty(T, B, H, d), torch.empty_like(W0)
+        saved = P.new_empty(T, B, H, 4 * d + 3) if train else None
+        erased = P.new_empty(n_slots, H, d, d)
+        _call(
+            "fast_weight_forward", T, B, H, d, int(delta), int(activate), P, keep, W0, Y, W_last,
+            saved, slot, erased,
+        )  # fmt: skip
+        if train:
+            ctx.state_grad, ctx.activate, ctx.delta = state_grad, activate, delta
+            ctx.save_for_backward(keep, W_last, saved, slot, erased)
+        if state_grad == "none":  # as in fwp's detached paths: the final state is detached
+            ctx.mark_non_differentiable(W_last)
+        return Y, W_last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gY, gW_last):
+        keep, W_last, saved, slot, erased = ctx.saved_tensors
+        T, B, H, _ = saved.shape
+        d = W_last.shape[-1]
+        gP = saved.new_empty(T, B, 3 * H * d + (H if ctx.delta else 0))
+        gW0 = torch.empty_like(W_last)
+        gW_last = torch.zeros_like(W_last) if gW_last is None else gW_last
+        _call(
+            "fast_weight_backward", T, B, H, d, int(ctx.state_grad == "full"), int(ctx.delta),
+            int(ctx.activate), keep, W_last, saved, slot, erased, *_c(gY, gW_last), gP, gW0,
+        )  # fmt: skip
+        return None, None, None, None, None, None, gP, gW0
 
 
 class _DeltaRNNCpu(torch.autograd.Function):
@@ -236,5 +276,28 @@ def delta_lstm_projected(
     return y, (W, R, h, c)
 
 
+def fast_weight_projected(
+    P: Tensor,
+    num_heads: int,
+    done: Tensor,
+    state: tuple[Tensor, ...],
+    state_grad: str = "full",
+    delta: bool = True,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The Delta Net (``delta``) or the Linear Transformer over a layer's raw slow projection P
+    [T,B,3Hd(+H)] (fields q, k, v(, β), head-major), read in place and activated by the kernel
+    (φ to q and k, sigmoid to β). State and result as ``fast_weights.delta_rule`` /
+    ``linear_attention``; under ``state_grad="none"`` as fwp's detached paths (each step reads
+    the state it was handed, detached; the final state carries no gradient)."""
+    train = _training(P, *state)
+    y, W = _FastWeightCpu.apply(state_grad, train, True, delta, num_heads, done, P, state[0])
+    return y, (W,)
+
+
 # The layers whose slow projection the kernels read in place (agents/cores/fwp.py).
-PROJECTED = {"delta_rnn": delta_rnn_projected, "delta_lstm": delta_lstm_projected}
+PROJECTED = {
+    "lt": functools.partial(fast_weight_projected, delta=False),
+    "delta": fast_weight_projected,
+    "delta_rnn": delta_rnn_projected,
+    "delta_lstm": delta_lstm_projected,
+}

@@ -1,4 +1,4 @@
-/* Fused CPU kernels for the sequential fast-weight recurrences of DESIGN §3 (rdn, delta_rnn,
+/* Fused CPU kernels for the fast-weight recurrences of DESIGN §3 (lt, delta, rdn, delta_rnn,
  * delta_lstm).
  *
  * One program per (batch element, head) runs all T steps with its fast weights in a local
@@ -73,12 +73,13 @@ static void softmax_backward(int D, const float *restrict s, float *restrict g) 
     for (int j = 0; j < D; j++) g[j] = s[j] * (g[j] - gs);
 }
 
-/* DS(M; q, k, v, β) of DESIGN §3 in place: write kᵀu with u = β (v − k M), then read y = q M.
- * The read uses q M_new = q M + (q·k) u, so q and k share one pass over M. Returns diff = v − k M
- * and u for the backward. */
-static void ds_forward(int D, float *restrict M, const float *restrict q, const float *restrict k,
-                       const float *restrict v, float beta, float *restrict y,
-                       float *restrict diff, float *restrict u) {
+/* One write-then-read step in place: write kᵀu, then read y = q M. delta = 1: DS(M; q, k, v, β)
+ * of DESIGN §3, u = β (v − k M); delta = 0: the Linear Transformer's u = v (β unused). The read
+ * uses q M_new = q M + (q·k) u, so q and k share one pass over M. Returns diff = v − k M and u
+ * for the backward. */
+static void write_read(int D, int delta, float *restrict M, const float *restrict q,
+                       const float *restrict k, const float *restrict v, float beta,
+                       float *restrict y, float *restrict diff, float *restrict u) {
     float kM[D], qM[D];
     memset(kM, 0, sizeof kM);
     memset(qM, 0, sizeof qM);
@@ -92,7 +93,7 @@ static void ds_forward(int D, float *restrict M, const float *restrict q, const 
     float qk = dot(D, q, k);
     for (int j = 0; j < D; j++) {
         diff[j] = v[j] - kM[j];
-        u[j] = beta * diff[j];
+        u[j] = delta ? beta * diff[j] : v[j];
         y[j] = qM[j] + qk * u[j];
     }
     for (int i = 0; i < D; i++) {
@@ -101,7 +102,13 @@ static void ds_forward(int D, float *restrict M, const float *restrict q, const 
     }
 }
 
-/* Backward of ds_forward. On entry Mt is the transpose of the written matrix (the backward keeps
+static void ds_forward(int D, float *restrict M, const float *restrict q, const float *restrict k,
+                       const float *restrict v, float beta, float *restrict y,
+                       float *restrict diff, float *restrict u) {
+    write_read(D, 1, M, q, k, v, beta, y, diff, u);
+}
+
+/* Backward of write_read (same delta). On entry Mt is the transpose of the written matrix (the backward keeps
  * its fast weights transposed, so that the products M gᵀ below run as vector updates along Mt's
  * contiguous rows instead of one horizontal sum per row) and gM the gradient w.r.t. the written
  * matrix from later steps; both are rewound in place (to the matrix read and the gradient w.r.t.
@@ -111,11 +118,12 @@ static void ds_forward(int D, float *restrict M, const float *restrict q, const 
  * the callers' `through` says when gM is needed. g is the gradient w.r.t. y.
  * Writes gq, gk, gv (gq is accumulated into when accumulate_q is set) and returns the gradient
  * w.r.t. β. */
-static float ds_backward(int D, float *restrict Mt, float *restrict gM, const float *restrict g,
-                         const float *restrict q, const float *restrict k, float beta,
-                         const float *restrict u, const float *restrict diff, float *restrict gq,
-                         float *restrict gk, float *restrict gv, int accumulate_q) {
-    float gu[D], a[D], b[D];
+static float write_read_backward(int D, int delta, float *restrict Mt, float *restrict gM,
+                                 const float *restrict g, const float *restrict q,
+                                 const float *restrict k, float beta, const float *restrict u,
+                                 const float *restrict diff, float *restrict gq,
+                                 float *restrict gk, float *restrict gv, int accumulate_q) {
+    float gu[D], a[D], b[D], gvm[D]; /* gvm: gv's path through v − k M (none when u = v) */
     float qk = dot(D, q, k), gu_dot = dot(D, g, u);
     for (int j = 0; j < D; j++) gu[j] = qk * g[j];
     for (int i = 0; i < D; i++) {  /* G = gM + qᵀg: gu = k G, gk (write) = G uᵀ */
@@ -131,11 +139,12 @@ static float ds_backward(int D, float *restrict Mt, float *restrict gM, const fl
         gk[i] = s + q[i] * gu_dot;
     }
     for (int j = 0; j < D; j++) {
-        gv[j] = beta * gu[j];
+        gv[j] = delta ? beta * gu[j] : gu[j];
+        gvm[j] = delta ? gv[j] : 0.f;
         a[j] = b[j] = 0.f;
     }
     for (int j = 0; j < D; j++) {  /* rewind M −= kᵀu, then a = g M_oldᵀ, b = gv M_oldᵀ */
-        float *col = Mt + j * D, uj = u[j], gj = g[j], gvj = gv[j];
+        float *col = Mt + j * D, uj = u[j], gj = g[j], gvj = gvm[j];
 #pragma omp simd
         for (int i = 0; i < D; i++) {
             col[i] -= k[i] * uj;
@@ -151,9 +160,16 @@ static float ds_backward(int D, float *restrict Mt, float *restrict gM, const fl
         for (int i = 0; i < D; i++) {
             float *grow = gM + i * D, qi = q[i], ki = k[i];
 #pragma omp simd
-            for (int j = 0; j < D; j++) grow[j] += qi * g[j] - ki * gv[j];
+            for (int j = 0; j < D; j++) grow[j] += qi * g[j] - ki * gvm[j];
         }
     return dot(D, gu, diff);
+}
+
+static float ds_backward(int D, float *restrict Mt, float *restrict gM, const float *restrict g,
+                         const float *restrict q, const float *restrict k, float beta,
+                         const float *restrict u, const float *restrict diff, float *restrict gq,
+                         float *restrict gk, float *restrict gv, int accumulate_q) {
+    return write_read_backward(D, 1, Mt, gM, g, q, k, beta, u, diff, gq, gk, gv, accumulate_q);
 }
 
 /* dst = the transposes of `count` consecutive D×D matrices of src (see ds_backward). */
@@ -312,6 +328,77 @@ static void activate_backward(int D, int act, const float *restrict out, float n
     for (int j = 0; j < D; j++) {
         float p = out[j] * norm;  /* elu(x)+1, whose derivative is 1 for x > 0 and p below */
         g[j] = (g[j] - gs) / norm * (p > 1.f ? 1.f : p);
+    }
+}
+
+/* ------------------------------------------------------------------ Linear Transformer, Delta Net
+ * P [T,B,F] is the layer's slow projection, read in place: each row holds the fields
+ * [q | k | v | β], head-major (q, k, v: HD each; β: H, only when delta = 1), F = 3HD + delta H.
+ * raw = 1: the kernel applies φ to q and k and σ to β; raw = 0: they are already activated.
+ * delta = 1: y = DS(W; q, k, v, β); delta = 0: W ← W + kᵀv, y = q W. State W [B,H,D,D].
+ * saved [T,B,H,4D+3] = [u | diff | q | k | β | φ's normalisers of q, k] (activated; NULL:
+ * inference, nothing saved); erased holds W per slot. */
+#define RULE_SAVED(D) (4 * (D) + 3)
+
+void fast_weight_forward(int T, int B, int H, int D, int delta, int raw, const float *P,
+                         const float *keep, const float *W0, float *Y, float *W_last,
+                         float *saved, const int *slot, float *erased, int threads) {
+    const int S = RULE_SAVED(D), act = raw ? ACT_PHI : ACT_NONE;
+    const long HD = (long)H * D, F = 3 * HD + (delta ? H : 0);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < B * H; n++) {
+        const int b = n / H, h = n % H;
+        float W[D * D], buf[RULE_SAVED(D)];
+        memcpy(W, W0 + (long)n * D * D, sizeof W);
+        for (int t = 0; t < T; t++) {
+            const long row = ROW(t);
+            const float *p = P + ((long)t * B + b) * F + (long)h * D;
+            if (keep[t * B + b] == 0.f) {
+                if (slot[t * B + b] >= 0)
+                    memcpy(erased + ((long)slot[t * B + b] * H + h) * D * D, W, sizeof W);
+                memset(W, 0, sizeof W);
+            }
+            float *sv = saved ? saved + row * S : buf, *q = sv + 2 * D, *k = sv + 3 * D;
+            sv[4 * D + 1] = activate(D, act, p, q);
+            sv[4 * D + 2] = activate(D, act, p + HD, k);
+            const float bx = delta ? P[((long)t * B + b) * F + 3 * HD + h] : 1.f;
+            sv[4 * D] = delta && raw ? sigmoid(bx) : bx;
+            write_read(D, delta, W, q, k, p + 2 * HD, sv[4 * D], Y + row * D, sv + D, sv);
+        }
+        memcpy(W_last + (long)n * D * D, W, sizeof W);
+    }
+}
+
+/* Writes gP in P's layout (w.r.t. the raw fields when raw = 1) and gW0. */
+void fast_weight_backward(int T, int B, int H, int D, int full, int delta, int raw,
+                          const float *keep, const float *W_last, const float *saved,
+                          const int *slot, const float *erased, const float *gY,
+                          const float *gW_last, float *gP, float *gW0, int threads) {
+    const int S = RULE_SAVED(D), act = raw ? ACT_PHI : ACT_NONE;
+    const long HD = (long)H * D, F = 3 * HD + (delta ? H : 0);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < B * H; n++) {
+        const int b = n / H, h = n % H;
+        float W[D * D], gW[D * D];
+        load_transposed(D, 1, W, W_last + (long)n * D * D);
+        memcpy(gW, gW_last + (long)n * D * D, sizeof gW);
+        for (int t = T - 1; t >= 0; t--) {
+            const long row = ROW(t), base = ((long)t * B + b) * F;
+            const float a = keep[t * B + b], *sv = saved + row * S, *q = sv + 2 * D,
+                        *k = sv + 3 * D, beta = sv[4 * D];
+            float *gq = gP + base + (long)h * D, *gk = gq + HD;
+            const int through = full || t == 0 || t == T - 1;
+            float gbeta = write_read_backward(D, delta, W, through ? gW : NULL, gY + row * D, q,
+                                              k, beta, sv, sv + D, gq, gk, gk + HD, 0);
+            activate_backward(D, act, q, sv[4 * D + 1], gq);
+            activate_backward(D, act, k, sv[4 * D + 2], gk);
+            if (delta) gP[base + 3 * HD + h] = raw ? gbeta * beta * (1.f - beta) : gbeta;
+            const float pass = (full || t == 0) ? a : 0.f;
+            if (a == 0.f && t > 0)
+                load_transposed(D, 1, W, erased + ((long)slot[t * B + b] * H + h) * D * D);
+            scale(D * D, gW, pass);
+        }
+        memcpy(gW0 + (long)n * D * D, gW, sizeof gW);
     }
 }
 
