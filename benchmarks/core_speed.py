@@ -2,8 +2,8 @@
 
 Sections (``--sections``, default all):
   train   fwd+bwd ms over an unroll (T=50, B=32, input 257) per core, impl, state_grad, bf16
-          linear layers, threads, next to a bare ``nn.LSTM(257, 256)``; the sequential cores'
-          fast path also with the fused C kernels switched off (``cpu_kernels: false``)
+          linear layers, threads, next to a bare ``nn.LSTM(257, 256)``; every FWP core's fast
+          path also with the fused C kernels switched off (``cpu_kernels: false``)
   recurrence  fwd+bwd ms of each recurrence function alone (T=50, B=32, 4 heads of 32) per
           impl and threads, against the issue's "fast >= 5x the per-step reference"
   floor   fwd+bwd ms of each FWP core with its recurrence replaced by a pass-through (the
@@ -46,7 +46,7 @@ from agents.torso import make_torso  # noqa: E402
 
 T, B, INPUT = 50, 32, 257
 FWP = ("lt", "delta", "delta_rnn", "rdn", "delta_lstm")
-SEQUENTIAL = ("delta_rnn", "rdn", "delta_lstm")  # the cores with fused C kernels
+SEQUENTIAL = ("delta_rnn", "rdn", "delta_lstm")  # recurrence functions with fused C kernels
 SECTIONS = ("train", "recurrence", "floor", "act", "memory", "torso")
 HEADS, HEAD_DIM = 4, 32
 
@@ -121,7 +121,7 @@ def train_configs() -> list[tuple[str, dict, Callable[[], nn.Module]]]:
     for name in FWP:
         for opts in variants:
             configs.append((name, opts, lambda n=name, o=opts: make_core(n, INPUT, **o)))
-            if name in SEQUENTIAL and opts["impl"] == "fast" and not opts.get("bf16"):
+            if opts["impl"] == "fast" and not opts.get("bf16"):
                 configs.append((name, {**opts, "cpu_kernels": False}, configs[-1][2]))
     return configs
 
@@ -261,7 +261,7 @@ def run_floor(threads: list[int], repeats: int) -> None:
 def run_act(threads: list[int], repeats: int) -> None:
     configs = [("ff", {}), ("lstm", {})]
     configs += [(name, {"impl": impl}) for name in FWP for impl in ("fast", "reference")]
-    configs += [(name, {"impl": "fast", "cpu_kernels": False}) for name in SEQUENTIAL]
+    configs += [(name, {"impl": "fast", "cpu_kernels": False}) for name in FWP]
     for n in threads:
         torch.set_num_threads(n)
         for name, opts in configs:
