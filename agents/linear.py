@@ -109,24 +109,29 @@ def _onednn_faster(threads: int) -> bool:
 
 def route() -> str:
     """The route asked for by ``DELTABEAST_CPU_GEMM`` (default auto); a bad value raises."""
-    value = os.environ.get(SWITCH, "auto").strip().lower() or "auto"
-    if value not in ROUTES:
-        raise ValueError(f"{SWITCH}={value!r}; valid: {', '.join(ROUTES)}")
-    return value
+    return _parse_route(os.environ.get(SWITCH, "auto"))
+
+
+@functools.cache
+def _parse_route(value: str) -> str:
+    choice = value.strip().lower() or "auto"
+    if choice not in ROUTES:
+        raise ValueError(f"{SWITCH}={choice!r}; valid: {', '.join(ROUTES)}")
+    return choice
+
+
+_ONEDNN_BUILT = torch.backends.mkldnn.is_available()
 
 
 def uses_onednn(x: Tensor, weight: Tensor) -> bool:
-    """Whether the product ``x @ weight.T`` runs through oneDNN (see the module docstring)."""
-    eligible = (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and x.dim() >= 2
-        and x.numel() > 0
-        and not torch.is_autocast_enabled("cpu")
-        and torch.backends.mkldnn.is_available()
-    )
-    if not eligible or _override.value is not None:
-        return eligible and bool(_override.value)
+    """Whether the product ``x @ weight.T`` runs through oneDNN (see the module docstring).
+    Called on every forward, so the cheapest tests come first (an actor's step runs it ~8×)."""
+    if not (x.is_cpu and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2):
+        return False
+    if not _ONEDNN_BUILT or x.numel() == 0 or torch.is_autocast_enabled("cpu"):
+        return False
+    if _override.value is not None:
+        return _override.value
     choice = route()
     if choice != "auto":
         return choice == "onednn"
