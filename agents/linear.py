@@ -120,7 +120,12 @@ def _parse_route(value: str) -> str:
     return choice
 
 
-_ONEDNN_BUILT = torch.backends.mkldnn.is_available()
+# torch built with oneDNN and with the two ops the route calls (neither is public API)
+_ONEDNN_BUILT = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    and hasattr(torch.ops.aten, "mkldnn_linear_backward_weights")
+)
 
 
 def uses_onednn(x: Tensor, weight: Tensor) -> bool:
