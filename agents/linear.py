@@ -40,8 +40,11 @@ log = logging.getLogger(__name__)
 
 
 def _dnn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ weight.T + bias`` through oneDNN's inner product; x 2-D, weight ``[out, in]``."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """``x @ weight.T + bias`` through oneDNN's inner product; x ``[..., in]``, weight
+    ``[out, in]``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -49,23 +52,23 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight)
-        ctx.input_shape, ctx.has_bias = x.shape, bias is not None
-        return _dnn(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _dnn(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x2, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad
-        gx = _dnn(g2, weight.t(), None).reshape(ctx.input_shape) if need_x else None
+        gx = _dnn(grad, weight.t(), None) if need_x else None
         gw = gb = None
         if need_w:
             # oneDNN's own weight-gradient primitive reads both operands untransposed
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()
             gw, gb = torch.ops.aten.mkldnn_linear_backward_weights(
-                g2.to_mkldnn(), x2.contiguous().to_mkldnn(), weight, ctx.has_bias
+                g2.to_mkldnn(), x2.to_mkldnn(), weight, ctx.has_bias
             )
         if need_b and gb is None:
             gb = g2.sum(0)
@@ -152,5 +155,4 @@ class Linear(nn.Linear):
         params = (x, self.weight) if self.bias is None else (x, self.weight, self.bias)
         if torch.is_grad_enabled() and any(t.requires_grad for t in params):
             return _OneDNNLinear.apply(x, self.weight, self.bias)
-        y = _dnn(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.weight.shape[0])
+        return _dnn(x, self.weight, self.bias)

@@ -100,7 +100,7 @@ class _FastWeightCpu(torch.autograd.Function):
     """``lt`` (delta False) and ``delta`` over a raw projection row, one kernel call each way."""
 
     @staticmethod
-    def forward(ctx, state_grad, train, activate, delta, num_heads, done, P, W0):
+    def forward(ctx, state_grad, train, delta, num_heads, done, P, W0):
         T, B, _ = P.shape
         H, d = num_heads, W0.shape[-1]
         keep, slot, n_slots = _resets(done)
@@ -109,11 +109,11 @@ class _FastWeightCpu(torch.autograd.Function):
         saved = P.new_empty(T, B, H, 4 * d + 3) if train else None
         erased = P.new_empty(n_slots, H, d, d)
         _call(
-            "fast_weight_forward", T, B, H, d, int(delta), int(activate), P, keep, W0, Y, W_last,
-            saved, slot, erased,
+            "fast_weight_forward", T, B, H, d, int(delta), P, keep, W0, Y, W_last, saved, slot,
+            erased,
         )  # fmt: skip
         if train:
-            ctx.state_grad, ctx.activate, ctx.delta = state_grad, activate, delta
+            ctx.state_grad, ctx.delta = state_grad, delta
             ctx.save_for_backward(keep, W_last, saved, slot, erased)
         if state_grad == "none":  # as in fwp's detached paths: the final state is detached
             ctx.mark_non_differentiable(W_last)
@@ -127,12 +127,11 @@ class _FastWeightCpu(torch.autograd.Function):
         d = W_last.shape[-1]
         gP = saved.new_empty(T, B, 3 * H * d + (H if ctx.delta else 0))
         gW0 = torch.empty_like(W_last)
-        gW_last = torch.zeros_like(W_last) if gW_last is None else gW_last
         _call(
             "fast_weight_backward", T, B, H, d, int(ctx.state_grad == "full"), int(ctx.delta),
-            int(ctx.activate), keep, W_last, saved, slot, erased, *_c(gY, gW_last), gP, gW0,
+            keep, W_last, saved, slot, erased, *_c(gY, gW_last), gP, gW0,
         )  # fmt: skip
-        return None, None, None, None, None, None, gP, gW0
+        return None, None, None, None, None, gP, gW0
 
 
 class _DeltaRNNCpu(torch.autograd.Function):
@@ -290,7 +289,7 @@ def fast_weight_projected(
     ``linear_attention``; under ``state_grad="none"`` as fwp's detached paths (each step reads
     the state it was handed, detached; the final state carries no gradient)."""
     train = _training(P, *state)
-    y, W = _FastWeightCpu.apply(state_grad, train, True, delta, num_heads, done, P, state[0])
+    y, W = _FastWeightCpu.apply(state_grad, train, delta, num_heads, done, P, state[0])
     return y, (W,)
 
 

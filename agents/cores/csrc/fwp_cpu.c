@@ -108,14 +108,14 @@ static void ds_forward(int D, float *restrict M, const float *restrict q, const 
     write_read(D, 1, M, q, k, v, beta, y, diff, u);
 }
 
-/* Backward of write_read (same delta). On entry Mt is the transpose of the written matrix (the backward keeps
- * its fast weights transposed, so that the products M gᵀ below run as vector updates along Mt's
- * contiguous rows instead of one horizontal sum per row) and gM the gradient w.r.t. the written
- * matrix from later steps; both are rewound in place (to the matrix read and the gradient w.r.t.
- * it). gM may be NULL: no gradient from later steps and none wanted for the matrix read, which
- * skips a pass over it. That holds under state_grad="none" for every step but the last (which
- * gets the final state's gradient) and step 0 (which passes its gradient to the initial state);
- * the callers' `through` says when gM is needed. g is the gradient w.r.t. y.
+/* Backward of write_read (same delta). On entry Mt is the transpose of the written matrix (the
+ * backward keeps its fast weights transposed, so that the products M gᵀ below run as vector
+ * updates along Mt's contiguous rows instead of one horizontal sum per row) and gM the gradient
+ * w.r.t. the written matrix from later steps; both are rewound in place (to the matrix read and
+ * the gradient w.r.t. it). gM may be NULL: no gradient from later steps and none wanted for the
+ * matrix read, which skips a pass over it. That holds under state_grad="none" for every step but
+ * the last (which gets the final state's gradient) and step 0 (which passes its gradient to the
+ * initial state); the callers' `through` says when gM is needed. g is the gradient w.r.t. y.
  * Writes gq, gk, gv (gq is accumulated into when accumulate_q is set) and returns the gradient
  * w.r.t. β. */
 static float write_read_backward(int D, int delta, float *restrict Mt, float *restrict gM,
@@ -334,16 +334,16 @@ static void activate_backward(int D, int act, const float *restrict out, float n
 /* ------------------------------------------------------------------ Linear Transformer, Delta Net
  * P [T,B,F] is the layer's slow projection, read in place: each row holds the fields
  * [q | k | v | β], head-major (q, k, v: HD each; β: H, only when delta = 1), F = 3HD + delta H.
- * raw = 1: the kernel applies φ to q and k and σ to β; raw = 0: they are already activated.
+ * The kernel applies φ to q and k and σ to β.
  * delta = 1: y = DS(W; q, k, v, β); delta = 0: W ← W + kᵀv, y = q W. State W [B,H,D,D].
  * saved [T,B,H,4D+3] = [u | diff | q | k | β | φ's normalisers of q, k] (activated; NULL:
  * inference, nothing saved); erased holds W per slot. */
 #define RULE_SAVED(D) (4 * (D) + 3)
 
-void fast_weight_forward(int T, int B, int H, int D, int delta, int raw, const float *P,
+void fast_weight_forward(int T, int B, int H, int D, int delta, const float *P,
                          const float *keep, const float *W0, float *Y, float *W_last,
                          float *saved, const int *slot, float *erased, int threads) {
-    const int S = RULE_SAVED(D), act = raw ? ACT_PHI : ACT_NONE;
+    const int S = RULE_SAVED(D);
     const long HD = (long)H * D, F = 3 * HD + (delta ? H : 0);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < B * H; n++) {
@@ -359,22 +359,21 @@ void fast_weight_forward(int T, int B, int H, int D, int delta, int raw, const f
                 memset(W, 0, sizeof W);
             }
             float *sv = saved ? saved + row * S : buf, *q = sv + 2 * D, *k = sv + 3 * D;
-            sv[4 * D + 1] = activate(D, act, p, q);
-            sv[4 * D + 2] = activate(D, act, p + HD, k);
-            const float bx = delta ? P[((long)t * B + b) * F + 3 * HD + h] : 1.f;
-            sv[4 * D] = delta && raw ? sigmoid(bx) : bx;
+            sv[4 * D + 1] = activate(D, ACT_PHI, p, q);
+            sv[4 * D + 2] = activate(D, ACT_PHI, p + HD, k);
+            sv[4 * D] = delta ? sigmoid(P[((long)t * B + b) * F + 3 * HD + h]) : 1.f;
             write_read(D, delta, W, q, k, p + 2 * HD, sv[4 * D], Y + row * D, sv + D, sv);
         }
         memcpy(W_last + (long)n * D * D, W, sizeof W);
     }
 }
 
-/* Writes gP in P's layout (w.r.t. the raw fields when raw = 1) and gW0. */
-void fast_weight_backward(int T, int B, int H, int D, int full, int delta, int raw,
+/* Writes gP in P's layout (w.r.t. the raw fields) and gW0. */
+void fast_weight_backward(int T, int B, int H, int D, int full, int delta,
                           const float *keep, const float *W_last, const float *saved,
                           const int *slot, const float *erased, const float *gY,
                           const float *gW_last, float *gP, float *gW0, int threads) {
-    const int S = RULE_SAVED(D), act = raw ? ACT_PHI : ACT_NONE;
+    const int S = RULE_SAVED(D);
     const long HD = (long)H * D, F = 3 * HD + (delta ? H : 0);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < B * H; n++) {
@@ -390,9 +389,9 @@ void fast_weight_backward(int T, int B, int H, int D, int full, int delta, int r
             const int through = full || t == 0 || t == T - 1;
             float gbeta = write_read_backward(D, delta, W, through ? gW : NULL, gY + row * D, q,
                                               k, beta, sv, sv + D, gq, gk, gk + HD, 0);
-            activate_backward(D, act, q, sv[4 * D + 1], gq);
-            activate_backward(D, act, k, sv[4 * D + 2], gk);
-            if (delta) gP[base + 3 * HD + h] = raw ? gbeta * beta * (1.f - beta) : gbeta;
+            activate_backward(D, ACT_PHI, q, sv[4 * D + 1], gq);
+            activate_backward(D, ACT_PHI, k, sv[4 * D + 2], gk);
+            if (delta) gP[base + 3 * HD + h] = gbeta * beta * (1.f - beta);
             const float pass = (full || t == 0) ? a : 0.f;
             if (a == 0.f && t > 0)
                 load_transposed(D, 1, W, erased + ((long)slot[t * B + b] * H + h) * D * D);
