@@ -48,6 +48,12 @@ def _resets(done: Tensor) -> tuple[Tensor, Tensor, int]:
     return (~done).float(), slot, int(flat.sum())
 
 
+def _rewind_workspace(W_last: Tensor, count: int) -> Tensor:
+    """Scratch [B, count, H, ...] in which a backward rewinds (transposed) the ``count`` fast
+    weight tensors of W_last's shape [B, H, ...] that the recurrence has (W, or W and R)."""
+    return W_last.new_empty(W_last.shape[0], count, *W_last.shape[1:])
+
+
 def _training(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -86,7 +92,7 @@ class _RDNCpu(torch.autograd.Function):
         full = int(ctx.state_grad == "full")
         _call(
             "rdn_backward", T, B, H, d, full, P, keep, W_last, saved, S, slot, erased,
-            *_c(gY, gW_last, gy_last), gX, gW0, gy0,
+            *_c(gY, gW_last, gy_last), gX, gW0, gy0, _rewind_workspace(W_last, 1),
         )  # fmt: skip
         gP = torch.einsum("tbhi,tbhj->hij", S, gX)  # pre = x + s [R_q | R_k | R_v | r_b]
         return (
@@ -130,6 +136,7 @@ class _FastWeightCpu(torch.autograd.Function):
         _call(
             "fast_weight_backward", T, B, H, d, int(ctx.state_grad == "full"), int(ctx.delta),
             keep, W_last, saved, slot, erased, *_c(gY, gW_last), gP, gW0,
+            _rewind_workspace(W_last, 1),
         )  # fmt: skip
         return None, None, None, None, None, gP, gW0
 
@@ -165,7 +172,7 @@ class _DeltaRNNCpu(torch.autograd.Function):
         _call(
             "delta_rnn_backward", T, B, H, d, int(ctx.state_grad == "full"), int(ctx.activate),
             keep, W_last, R_last, saved, slot, erased, *_c(gY, gW_last, gR_last, gy_last), gP,
-            *g_state,
+            *g_state, _rewind_workspace(W_last, 2),
         )  # fmt: skip
         return None, None, None, None, None, gP, *g_state
 
@@ -201,7 +208,7 @@ class _DeltaLSTMCpu(torch.autograd.Function):
         _call(
             "delta_lstm_backward", T, B, H, d, int(ctx.state_grad == "full"), int(ctx.activate),
             keep, c0, W_last, R_last, saved, slot, erased,
-            *_c(gY, gW_last, gR_last, gh_last, gc_last), gP, *g_state,
+            *_c(gY, gW_last, gR_last, gh_last, gc_last), gP, *g_state, _rewind_workspace(W_last, 2),
         )  # fmt: skip
         return None, None, None, None, None, gP, *g_state
 
