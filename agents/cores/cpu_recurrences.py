@@ -91,7 +91,8 @@ class _RDNCpu(torch.autograd.Function):
         gW0, gy0 = torch.empty_like(W_last), torch.empty_like(gy_last)
         full = int(ctx.state_grad == "full")
         _call(
-            "rdn_backward", T, B, H, d, full, P, keep, W_last, saved, S, slot, erased,
+            "rdn_backward", T, B, H, d, full, P.transpose(1, 2).contiguous(), keep, W_last, saved,
+            S, slot, erased,
             *_c(gY, gW_last, gy_last), gX, gW0, gy0, _rewind_workspace(W_last, 1),
         )  # fmt: skip
         gP = torch.einsum("tbhi,tbhj->hij", S, gX)  # pre = x + s [R_q | R_k | R_v | r_b]

@@ -298,6 +298,46 @@ INLINE void prefetch_step(const float *array, int T, int B, int b, int next, lon
  * saved [T,B,H,4D+1] = [q | k | u | diff | β] and Sx [T,B,H,D] = s (both NULL: inference,
  * nothing saved); erased [slots,H,D,D] holds W. */
 
+/* The feedback of y_{t-1} into the raw inputs x of one head: s = tanh(y), pre = x + s P_h
+ * (P_h [D, E]). */
+SPECIALISED void feedback_d(int D, const float *restrict y, const float *restrict Ph,
+                            const float *restrict x, float *restrict s, float *restrict pre) {
+    const int E = 3 * D + 1;
+#pragma omp simd
+    for (int i = 0; i < D; i++) s[i] = fast_tanh(y[i]);
+    memcpy(pre, x, E * sizeof *pre);
+    for (int i = 0; i < D; i++) {
+        const float *prow = Ph + i * E, si = s[i];
+        for (int j = 0; j < E; j++) pre[j] += si * prow[j];
+    }
+}
+
+DISPATCHER void feedback(int D, const float *restrict y, const float *restrict Ph,
+                         const float *restrict x, float *restrict s, float *restrict pre) {
+    if (D == 32) feedback_d(32, y, Ph, x, s, pre);
+    else feedback_d(D, y, Ph, x, s, pre);
+}
+
+/* Its backward to y: gy = (gx P_hᵀ) ⊙ (1 − s²) · pass, summed along the rows of Pt_h = P_hᵀ
+ * [E, D] as vector updates rather than D horizontal sums. */
+SPECIALISED void feedback_backward_d(int D, const float *restrict Pth, const float *restrict gx,
+                                     const float *restrict s, float pass, float *restrict gy) {
+    const int E = 3 * D + 1;
+    float acc[D];
+    memset(acc, 0, sizeof acc);
+    for (int j = 0; j < E; j++) {
+        const float *prow = Pth + j * D, gj = gx[j];
+        for (int i = 0; i < D; i++) acc[i] += gj * prow[i];
+    }
+    for (int i = 0; i < D; i++) gy[i] = acc[i] * (1.f - s[i] * s[i]) * pass;
+}
+
+DISPATCHER void feedback_backward(int D, const float *restrict Pth, const float *restrict gx,
+                                  const float *restrict s, float pass, float *restrict gy) {
+    if (D == 32) feedback_backward_d(32, Pth, gx, s, pass, gy);
+    else feedback_backward_d(D, Pth, gx, s, pass, gy);
+}
+
 void rdn_forward(int T, int B, int H, int D, const float *X, const float *P, const float *keep,
                  const float *W0, const float *y0, float *Y, float *W_last, float *saved,
                  float *Sx, const int *slot, float *erased, int threads) {
@@ -321,16 +361,9 @@ void rdn_forward(int T, int B, int H, int D, const float *X, const float *P, con
             }
             for (int h = 0; h < H; h++) {
                 const long row = ((long)t * B + b) * H + h;
-                const float *Ph = P + (long)h * D * E;
                 float *W = Wb + h * D * D, *y = ys + h * D;
                 float s[D], pre[E], q[D], k[D], u[D], diff[D];
-    #pragma omp simd
-                for (int i = 0; i < D; i++) s[i] = fast_tanh(y[i]);
-                memcpy(pre, X + row * E, sizeof pre);
-                for (int i = 0; i < D; i++) {
-                    const float *prow = Ph + i * E, si = s[i];
-                    for (int j = 0; j < E; j++) pre[j] += si * prow[j];
-                }
+                feedback(D, y, P + (long)h * D * E, X + row * E, s, pre);
                 softmax(D, pre, q);
                 softmax(D, pre + D, k);
                 float beta = sigmoid(pre[3 * D]);
@@ -351,9 +384,9 @@ void rdn_forward(int T, int B, int H, int D, const float *X, const float *P, con
 }
 
 /* Writes gX [T,B,H,E] (w.r.t. the raw inputs; the caller forms the slow weights' gradient
- * Σ sᵀ gX) and the initial state's gradients gW0, gy0. work [B,1,H,D,D]: scratch for the
- * rewound (transposed) W. */
-void rdn_backward(int T, int B, int H, int D, int full, const float *P, const float *keep,
+ * Σ sᵀ gX) and the initial state's gradients gW0, gy0. Pt [H,E,D]: P transposed. work
+ * [B,1,H,D,D]: scratch for the rewound (transposed) W. */
+void rdn_backward(int T, int B, int H, int D, int full, const float *Pt, const float *keep,
                   const float *W_last, const float *saved, const float *Sx, const int *slot,
                   const float *erased, const float *gY, const float *gW_last,
                   const float *gy_last, float *gX, float *gW0, float *gy0, float *work,
@@ -375,7 +408,7 @@ void rdn_backward(int T, int B, int H, int D, int full, const float *P, const fl
             const int through = full || t == 0 || t == T - 1;
             for (int h = 0; h < H; h++) {
                 const long row = ((long)t * B + b) * H + h;
-                const float *Ph = P + (long)h * D * E, *sv = saved + row * S, *s = Sx + row * D;
+                const float *sv = saved + row * S, *s = Sx + row * D;
                 const float *q = sv, *k = sv + D, *u = sv + 2 * D, *diff = sv + 3 * D;
                 const float beta = sv[4 * D];
                 float *gx = gX + row * E, *gy = gys + h * D, g[D], gv[D];
@@ -387,8 +420,7 @@ void rdn_backward(int T, int B, int H, int D, int full, const float *P, const fl
                 softmax_backward(D, k, gx + D);
                 memcpy(gx + 2 * D, gv, sizeof gv);
                 gx[3 * D] = gbeta * beta * (1.f - beta);
-                for (int i = 0; i < D; i++)
-                    gy[i] = dot(E, Ph + i * E, gx) * (1.f - s[i] * s[i]) * pass;
+                feedback_backward(D, Pt + (long)h * E * D, gx, s, pass, gy);
             }
             if (a == 0.f && t > 0) load_transposed(D, H, Wt, erased + slot[t * B + b] * HDD);
             scale(HDD, gWb, pass);
