@@ -4,13 +4,14 @@ Exports ``--base`` (default HEAD) into a temporary folder, then times fwd+bwd of
 recurrence alone and of its whole core (T=50, B=32, paper sizes) in child processes that import
 one tree or the other (each builds its own C kernels), alternating the order block by block so
 both see the same machine state. Any change to the cores' code can be compared this way, the
-kernels' calling convention included. Prints one JSON object per measurement with both medians
-and the speed-up.
+kernels' calling convention included; ``act`` times the core's single step (T=1, B=8, under
+no_grad), as an actor takes it. Prints one JSON object per measurement with both medians and
+the speed-up.
 
     python benchmarks/kernel_ab.py --base HEAD~1 --threads 1,2 --blocks 4 --repeats 10 \
-        [--cores delta_rnn,rdn,delta_lstm] [--what recurrence,core]
+        [--cores delta_rnn,rdn,delta_lstm] [--what recurrence,core,act]
 
-(``recurrence`` times ``fast_weights.<name>``: for lt and delta use ``core``.)
+(``recurrence`` times ``fast_weights.<name>``: for lt and delta use ``core`` or ``act``.)
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ torch.manual_seed(0)
 done = episode_starts(T, B)
 if what == "core":
     step = train_step(make_core(name, INPUT), torch.randn(T, B, INPUT), done)
+elif what == "act":
+    core = make_core(name, INPUT)
+    x, first = torch.randn(1, 8, INPUT), torch.zeros(1, 8, dtype=torch.bool)
+    step = torch.no_grad()(lambda state=core.initial_state(8): core(x, first, state))
 else:
     inputs, state = recurrence_inputs(name)
     def step():
@@ -80,11 +85,11 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4, help="alternations of the two trees")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per block")
     parser.add_argument("--cores", default="delta_rnn,rdn,delta_lstm", help=f"of {CORES}")
-    parser.add_argument("--what", default="recurrence,core", help="recurrence and/or core")
+    parser.add_argument("--what", default="recurrence,core", help="of recurrence, core, act")
     args = parser.parse_args()
     cores, whats = args.cores.split(","), args.what.split(",")
-    if not set(cores) <= set(CORES) or not set(whats) <= {"recurrence", "core"}:
-        parser.error(f"--cores takes {', '.join(CORES)}; --what takes recurrence, core")
+    if not set(cores) <= set(CORES) or not set(whats) <= {"recurrence", "core", "act"}:
+        parser.error(f"--cores takes {', '.join(CORES)}; --what takes recurrence, core, act")
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"base": export(args.base, Path(tmp)), "head": ROOT}
         for threads in (int(n) for n in args.threads.split(",")):
