@@ -33,7 +33,7 @@ SOURCE = Path(__file__).with_name("csrc") / "fwp_cpu.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 SWITCH = "DELTABEAST_CPU_KERNELS"
 CORES = ("lt", "delta", "rdn", "delta_rnn", "delta_lstm")  # the cores the kernels serve
-MAX_HEAD_DIM = 128  # a program's matrices live on its thread's stack (delta_lstm: 12 d×d floats)
+MAX_HEAD_DIM = 128  # a program's per-step vectors live on its thread's stack (up to 26d floats)
 STALE_S = 30 * 24 * 3600  # a new build removes builds unused for this long (old sources)
 _override = Override()
 # Inside ``with forced(on):`` usable answers ``on``: the tests and benchmarks use it to run the
