@@ -1,10 +1,11 @@
 """``rdn``, ``delta_rnn``, ``delta_lstm`` (and the ``lt``/``delta`` layers) on the fused C kernels.
 
 Same arguments and results as ``recurrent_fast_weights`` (already checked there), float32 CPU
-tensors. Each forward and backward is one kernel call: a program per (batch element, head) runs
-the whole unroll with its fast weights in cache (see csrc/fwp_cpu.c). The forward saves only the
-per-step vectors the backward needs; the backward rewinds the fast weights from the final ones,
-restoring those a reset erased from a copy the forward kept.
+tensors. Each forward and backward is one kernel call: a program per batch element runs the
+whole unroll for all its heads with their fast weights in cache (see csrc/fwp_cpu.c). The
+forward saves only the per-step vectors the backward needs; the backward rewinds the fast
+weights from the final ones (in a workspace allocated here), restoring those a reset erased from
+a copy the forward kept.
 
 The lt, delta, delta_rnn and delta_lstm kernels read their inputs from a projection row [T,B,F]
 in place: ``*_projected`` hands them a layer's raw slow projection, which they activate
