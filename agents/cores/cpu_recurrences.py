@@ -153,7 +153,7 @@ class _DeltaRNNCpu(torch.autograd.Function):
         Y = P.new_empty(T, B, H, d)
         W_last, R_last = torch.empty_like(W0), torch.empty_like(R0)
         saved = P.new_empty(T, B, H, 8 * d + 2) if train else None
-        erased = P.new_empty(n_slots, H, 2, d, d)
+        erased = P.new_empty(n_slots, 2, H, d, d)
         _call(
             "delta_rnn_forward", T, B, H, d, int(activate), P, keep, W0, R0, y0, Y, W_last,
             R_last, saved, slot, erased,
@@ -189,7 +189,7 @@ class _DeltaLSTMCpu(torch.autograd.Function):
         Y = P.new_empty(T, B, H, d)
         W_last, R_last, c_last = torch.empty_like(W0), torch.empty_like(R0), torch.empty_like(c0)
         saved = P.new_empty(T, B, H, 26 * d + 12) if train else None
-        erased = P.new_empty(n_slots, H, 2, 3, d, d)
+        erased = P.new_empty(n_slots, 2, H, 3, d, d)
         _call(
             "delta_lstm_forward", T, B, H, d, int(activate), P, keep, W0, R0, h0, c0, Y, W_last,
             R_last, c_last, saved, slot, erased,

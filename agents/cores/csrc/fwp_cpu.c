@@ -34,6 +34,8 @@
  * without _d) calls it with D = 32, a constant the compiler specialises for, or as given. */
 #define SPECIALISED INLINE
 #define DISPATCHER static __attribute__((noinline))
+/* A dispatcher's body: f (a helper's _d body) with D = 32 as a constant, or with D as given. */
+#define AT_HEAD_DIM(f, ...) (D == 32 ? f(32, __VA_ARGS__) : f(D, __VA_ARGS__))
 
 /* Asks for the n floats from p to be brought into cache, for reading or (write) writing. */
 INLINE void prefetch(const float *p, long n, int write) {
@@ -102,8 +104,8 @@ INLINE void softmax_backward(int D, const float *restrict s, float *restrict g) 
  * uses q M_new = q M + (q·k) u, so q and k share one pass over M. Returns diff = v − k M and u
  * for the backward. */
 SPECIALISED void write_read_d(int D, int delta, float *restrict M, const float *restrict q,
-                       const float *restrict k, const float *restrict v, float beta,
-                       float *restrict y, float *restrict diff, float *restrict u) {
+                              const float *restrict k, const float *restrict v, float beta,
+                              float *restrict y, float *restrict diff, float *restrict u) {
     float kM[D], qM[D];
     memset(kM, 0, sizeof kM);
     memset(qM, 0, sizeof qM);
@@ -129,8 +131,7 @@ SPECIALISED void write_read_d(int D, int delta, float *restrict M, const float *
 DISPATCHER void write_read(int D, int delta, float *restrict M, const float *restrict q,
                            const float *restrict k, const float *restrict v, float beta,
                            float *restrict y, float *restrict diff, float *restrict u) {
-    if (D == 32) write_read_d(32, delta, M, q, k, v, beta, y, diff, u);
-    else write_read_d(D, delta, M, q, k, v, beta, y, diff, u);
+    AT_HEAD_DIM(write_read_d, delta, M, q, k, v, beta, y, diff, u);
 }
 
 INLINE void ds_forward(int D, float *restrict M, const float *restrict q, const float *restrict k,
@@ -150,10 +151,11 @@ INLINE void ds_forward(int D, float *restrict M, const float *restrict q, const 
  * Writes gq, gk, gv (gq is accumulated into when accumulate_q is set) and returns the gradient
  * w.r.t. β. */
 SPECIALISED float write_read_backward_d(int D, int delta, float *restrict Mt, float *restrict gM,
-                                 const float *restrict g, const float *restrict q,
-                                 const float *restrict k, float beta, const float *restrict u,
-                                 const float *restrict diff, float *restrict gq,
-                                 float *restrict gk, float *restrict gv, int accumulate_q) {
+                                        const float *restrict g, const float *restrict q,
+                                        const float *restrict k, float beta,
+                                        const float *restrict u, const float *restrict diff,
+                                        float *restrict gq, float *restrict gk, float *restrict gv,
+                                        int accumulate_q) {
     float gu[D], a[D], b[D], gvm[D]; /* gvm: gv's path through v − k M (none when u = v) */
     float qk = dot(D, q, k), gu_dot = dot(D, g, u);
     for (int j = 0; j < D; j++) gu[j] = qk * g[j];
@@ -201,11 +203,8 @@ DISPATCHER float write_read_backward(int D, int delta, float *restrict Mt, float
                                      const float *restrict k, float beta, const float *restrict u,
                                      const float *restrict diff, float *restrict gq,
                                      float *restrict gk, float *restrict gv, int accumulate_q) {
-    if (D == 32)
-        return write_read_backward_d(32, delta, Mt, gM, g, q, k, beta, u, diff, gq, gk, gv,
-                                     accumulate_q);
-    return write_read_backward_d(D, delta, Mt, gM, g, q, k, beta, u, diff, gq, gk, gv,
-                                 accumulate_q);
+    return AT_HEAD_DIM(write_read_backward_d, delta, Mt, gM, g, q, k, beta, u, diff, gq, gk, gv,
+                       accumulate_q);
 }
 
 INLINE float ds_backward(int D, float *restrict Mt, float *restrict gM, const float *restrict g,
@@ -249,13 +248,12 @@ SPECIALISED float activate_d(int D, int act, const float *restrict x, float *res
 }
 
 DISPATCHER float activate(int D, int act, const float *restrict x, float *restrict out) {
-    if (D == 32) return activate_d(32, act, x, out);
-    return activate_d(D, act, x, out);
+    return AT_HEAD_DIM(activate_d, act, x, out);
 }
 
 /* g <- the gradient w.r.t. activate's input, given its output and g w.r.t. the output. */
 SPECIALISED void activate_backward_d(int D, int act, const float *restrict out, float norm,
-                              float *restrict g) {
+                                     float *restrict g) {
     if (act == ACT_SOFTMAX) softmax_backward(D, out, g);
     if (act != ACT_PHI) return;
     float gs = dot(D, g, out);
@@ -267,8 +265,7 @@ SPECIALISED void activate_backward_d(int D, int act, const float *restrict out, 
 
 DISPATCHER void activate_backward(int D, int act, const float *restrict out, float norm,
                                   float *restrict g) {
-    if (D == 32) activate_backward_d(32, act, out, norm, g);
-    else activate_backward_d(D, act, out, norm, g);
+    AT_HEAD_DIM(activate_backward_d, act, out, norm, g);
 }
 
 /* Offsets of the fields of head h, gate gi (of G; delta_rnn: G = 1) in projection row `row`
@@ -314,8 +311,7 @@ SPECIALISED void feedback_d(int D, const float *restrict y, const float *restric
 
 DISPATCHER void feedback(int D, const float *restrict y, const float *restrict Ph,
                          const float *restrict x, float *restrict s, float *restrict pre) {
-    if (D == 32) feedback_d(32, y, Ph, x, s, pre);
-    else feedback_d(D, y, Ph, x, s, pre);
+    AT_HEAD_DIM(feedback_d, y, Ph, x, s, pre);
 }
 
 /* Its backward to y: gy = (gx P_hᵀ) ⊙ (1 − s²) · pass, summed along the rows of Pt_h = P_hᵀ
@@ -334,8 +330,7 @@ SPECIALISED void feedback_backward_d(int D, const float *restrict Pth, const flo
 
 DISPATCHER void feedback_backward(int D, const float *restrict Pth, const float *restrict gx,
                                   const float *restrict s, float pass, float *restrict gy) {
-    if (D == 32) feedback_backward_d(32, Pth, gx, s, pass, gy);
-    else feedback_backward_d(D, Pth, gx, s, pass, gy);
+    AT_HEAD_DIM(feedback_backward_d, Pth, gx, s, pass, gy);
 }
 
 void rdn_forward(int T, int B, int H, int D, const float *X, const float *P, const float *keep,
@@ -518,7 +513,7 @@ void fast_weight_backward(int T, int B, int H, int D, int full, int delta,
  * activated. State W, R [B,H,D,D], y [B,H,D].
  * y = DS(W; q, k, v, β) + DS(R; softmax(y_{t-1}), r_k, r_v, r_β).
  * saved [T,B,H,8D+2] = [u | diff | softmax(y_{t-1}) | u_R | diff_R | q | k | r_k | β | r_β]
- * (activated); erased [slots,H,2,D,D] holds (W, R). The backward writes gP in P's layout,
+ * (activated); erased [slots,2,H,D,D] holds (W, R). The backward writes gP in P's layout,
  * w.r.t. the raw fields when raw = 1. */
 #define RNN_SAVED(D) (8 * (D) + 2)
 
@@ -539,10 +534,10 @@ void delta_rnn_forward(int T, int B, int H, int D, int raw, const float *P,
             prefetch_step(saved, T, B, b, t + 1, (long)H * S, 1);
             prefetch_step(Y, T, B, b, t + 1, (long)H * D, 1);
             if (keep[t * B + b] == 0.f) {
-                for (int h = 0; h < H && slot[t * B + b] >= 0; h++) {
-                    float *e = erased + ((long)slot[t * B + b] * H + h) * 2 * D * D;
-                    memcpy(e, Wb + h * D * D, D * D * sizeof *e);
-                    memcpy(e + D * D, Rb + h * D * D, D * D * sizeof *e);
+                if (slot[t * B + b] >= 0) {
+                    float *e = erased + slot[t * B + b] * 2 * HDD;
+                    memcpy(e, Wb, HDD * sizeof *e);
+                    memcpy(e + HDD, Rb, HDD * sizeof *e);
                 }
                 memset(Wb, 0, HDD * sizeof *Wb);
                 memset(Rb, 0, HDD * sizeof *Rb);
@@ -619,10 +614,10 @@ void delta_rnn_backward(int T, int B, int H, int D, int full, int raw, const flo
                 softmax_backward(D, sv + 2 * D, gy);
                 scale(D, gy, pass);
             }
-            for (int h = 0; h < H && a == 0.f && t > 0; h++) {
-                const float *e = erased + ((long)slot[t * B + b] * H + h) * 2 * D * D;
-                load_transposed(D, 1, Wt + h * D * D, e);
-                load_transposed(D, 1, Rt + h * D * D, e + D * D);
+            if (a == 0.f && t > 0) {
+                const float *e = erased + slot[t * B + b] * 2 * HDD;
+                load_transposed(D, H, Wt, e);
+                load_transposed(D, H, Rt, e + HDD);
             }
             scale(HDD, gWb, pass);
             scale(HDD, gRb, pass);
@@ -638,7 +633,7 @@ void delta_rnn_backward(int T, int B, int H, int D, int full, int raw, const flo
  * c = σ(pre_i) pre_u + (1 − σ(pre_i)) c_{t-1}; h = σ(pre_o) c.
  * saved [T,B,H,26D+12] = [u_W (3D) | diff_W (3D) | u_R (3D) | diff_R (3D) | softmax(h_{t-1}) |
  * i | u | o | c | q (3D) | k (3D) | r_k (3D) | β (3) | r_β (3) | φ's normalisers of q (3) and
- * k (3)] (activated); erased [slots,H,2,3,D,D] holds (W, R). */
+ * k (3)] (activated); erased [slots,2,H,3,D,D] holds (W, R). */
 #define LSTM_SAVED(D) (26 * (D) + 12)
 
 void delta_lstm_forward(int T, int B, int H, int D, int raw, const float *P,
@@ -659,10 +654,10 @@ void delta_lstm_forward(int T, int B, int H, int D, int raw, const float *P,
             prefetch_step(saved, T, B, b, t + 1, (long)H * S, 1);
             prefetch_step(Y, T, B, b, t + 1, HD, 1);
             if (keep[t * B + b] == 0.f) {
-                for (int h = 0; h < H && slot[t * B + b] >= 0; h++) {
-                    float *e = erased + ((long)slot[t * B + b] * H + h) * 2 * G;
-                    memcpy(e, Wb + (long)h * G, G * sizeof *e);
-                    memcpy(e + G, Rb + (long)h * G, G * sizeof *e);
+                if (slot[t * B + b] >= 0) {
+                    float *e = erased + slot[t * B + b] * 2 * HG;
+                    memcpy(e, Wb, HG * sizeof *e);
+                    memcpy(e + HG, Rb, HG * sizeof *e);
                 }
                 memset(Wb, 0, HG * sizeof *Wb);
                 memset(Rb, 0, HG * sizeof *Rb);
@@ -773,10 +768,10 @@ void delta_lstm_backward(int T, int B, int H, int D, int full, int raw, const fl
                 softmax_backward(D, sh, gh);
                 scale(D, gh, pass);
             }
-            for (int h = 0; h < H && a == 0.f && t > 0; h++) {
-                const float *e = erased + ((long)slot[t * B + b] * H + h) * 2 * G;
-                load_transposed(D, 3, Wt + (long)h * G, e);
-                load_transposed(D, 3, Rt + (long)h * G, e + G);
+            if (a == 0.f && t > 0) {
+                const float *e = erased + slot[t * B + b] * 2 * HG;
+                load_transposed(D, 3 * H, Wt, e);
+                load_transposed(D, 3 * H, Rt, e + HG);
             }
             scale(HG, gWb, pass);
             scale(HG, gRb, pass);
