@@ -11,7 +11,8 @@ the speed-up.
     python benchmarks/kernel_ab.py --base HEAD~1 --threads 1,2 --blocks 4 --repeats 10 \
         [--cores delta_rnn,rdn,delta_lstm] [--what recurrence,core,act]
 
-(``recurrence`` times ``fast_weights.<name>``: for lt and delta use ``core`` or ``act``.)
+(``recurrence`` times ``fast_weights.<name>``, ``forward`` its forward alone, saving for the
+backward: for lt and delta use ``core`` or ``act``.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORES = ("lt", "delta", "delta_rnn", "rdn", "delta_lstm")
+WHATS = ("recurrence", "forward", "core", "act")
 
 # Runs in a child whose working directory is the tree under test; prints the times in ms.
 CHILD = """
@@ -48,7 +50,8 @@ else:
     inputs, state = recurrence_inputs(name)
     def step():
         y, _ = getattr(fw, name)(*inputs, done, state, impl="fast")
-        torch.autograd.grad(y.sum(), inputs)
+        if what == "recurrence":
+            torch.autograd.grad(y.sum(), inputs)
 for _ in range(3):
     step()
 times = []
@@ -85,11 +88,11 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4, help="alternations of the two trees")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per block")
     parser.add_argument("--cores", default="delta_rnn,rdn,delta_lstm", help=f"of {CORES}")
-    parser.add_argument("--what", default="recurrence,core", help="of recurrence, core, act")
+    parser.add_argument("--what", default="recurrence,core", help="of recurrence, forward, core, act")
     args = parser.parse_args()
     cores, whats = args.cores.split(","), args.what.split(",")
-    if not set(cores) <= set(CORES) or not set(whats) <= {"recurrence", "core", "act"}:
-        parser.error(f"--cores takes {', '.join(CORES)}; --what takes recurrence, core, act")
+    if not set(cores) <= set(CORES) or not set(whats) <= set(WHATS):
+        parser.error(f"--cores takes {', '.join(CORES)}; --what takes {', '.join(WHATS)}")
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"base": export(args.base, Path(tmp)), "head": ROOT}
         for threads in (int(n) for n in args.threads.split(",")):

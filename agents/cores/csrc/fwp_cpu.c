@@ -289,6 +289,18 @@ INLINE void prefetch_step(const float *array, int T, int B, int b, int next, lon
         prefetch(array + ((long)next * B + b) * width, width, write);
 }
 
+/* The fields of head h in projection row `row` (field_offsets), prefetched for reading. */
+INLINE void prefetch_fields(const float *P, int H, int G, int D, long row, int h) {
+    const proj_fields f = field_offsets(H, G, D, row, h, 0);
+    prefetch(P + f.q, (long)G * D, 0);
+    prefetch(P + f.k, (long)G * D, 0);
+    prefetch(P + f.v, (long)G * D, 0);
+    prefetch(P + f.rk, (long)G * D, 0);
+    prefetch(P + f.rv, (long)G * D, 0);
+    prefetch(P + f.beta, G, 0);
+    prefetch(P + f.rbeta, G, 0);
+}
+
 /* ------------------------------------------------------------------ Recurrent Delta Net
  * X [T,B,H,E] raw [q_x | k_x | v_x | b_x], E = 3D + 1; P [H,D,E] = [R_q | R_k | R_v | r_b];
  * s = tanh(y_{t-1}), pre = x + s P, q = softmax, k = softmax, v, β = σ; y = DS(W; q, k, v, β).
@@ -641,63 +653,61 @@ void delta_lstm_forward(int T, int B, int H, int D, int raw, const float *P,
                         const float *c0, float *Y, float *W_last, float *R_last, float *c_last,
                         float *saved, const int *slot, float *erased, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < B; b++) {
-        const int S = LSTM_SAVED(D), G = 3 * D * D;
-        const long HG = (long)H * G, HD = (long)H * D, F = 15 * HD + 6 * H;
-        float *Wb = W_last + b * HG, *Rb = R_last + b * HG, *cs = c_last + b * HD, hs[H * D];
-        memcpy(Wb, W0 + b * HG, HG * sizeof *Wb);
-        memcpy(Rb, R0 + b * HG, HG * sizeof *Rb);
-        memcpy(hs, h0 + b * HD, sizeof hs);
-        memcpy(cs, c0 + b * HD, HD * sizeof *cs);
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H, S = LSTM_SAVED(D), G = 3 * D * D;
+        const long HG = (long)H * G;
+        float *W = W_last + bh * G, *R = R_last + bh * G, *c = c_last + (long)bh * D, hh[D];
+        memcpy(W, W0 + bh * G, G * sizeof *W);
+        memcpy(R, R0 + bh * G, G * sizeof *R);
+        memcpy(hh, h0 + (long)bh * D, sizeof hh);
+        memcpy(c, c0 + (long)bh * D, D * sizeof *c);
         for (int t = 0; t < T; t++) {
-            prefetch_step(P, T, B, b, t + 1, F, 0);
-            prefetch_step(saved, T, B, b, t + 1, (long)H * S, 1);
-            prefetch_step(Y, T, B, b, t + 1, HD, 1);
+            const long row = ((long)t * B + b) * H + h;
+            if (t + 1 < T) {
+                prefetch_fields(P, H, 3, D, (long)(t + 1) * B + b, h);
+                if (saved) prefetch(saved + (row + (long)B * H) * S, S, 1);
+                prefetch(Y + (row + (long)B * H) * D, D, 1);
+            }
             if (keep[t * B + b] == 0.f) {
                 if (slot[t * B + b] >= 0) {
-                    float *e = erased + slot[t * B + b] * 2 * HG;
-                    memcpy(e, Wb, HG * sizeof *e);
-                    memcpy(e + HG, Rb, HG * sizeof *e);
+                    float *e = erased + slot[t * B + b] * 2 * HG + (long)h * G;
+                    memcpy(e, W, G * sizeof *e);
+                    memcpy(e + HG, R, G * sizeof *e);
                 }
-                memset(Wb, 0, HG * sizeof *Wb);
-                memset(Rb, 0, HG * sizeof *Rb);
-                memset(hs, 0, sizeof hs);
-                memset(cs, 0, HD * sizeof *cs);
+                memset(W, 0, G * sizeof *W);
+                memset(R, 0, G * sizeof *R);
+                memset(hh, 0, sizeof hh);
+                memset(c, 0, D * sizeof *c);
             }
-            for (int h = 0; h < H; h++) {
-                const long row = ((long)t * B + b) * H + h;
-                float buf[LSTM_SAVED(D)], *sv = saved ? saved + row * S : buf, *sh = sv + 12 * D;
-                float *W = Wb + (long)h * G, *R = Rb + (long)h * G;
-                float *hh = hs + h * D, *c = cs + h * D;
-                float z[D], r[D], pre[3 * D];
-                softmax(D, hh, sh);
-                for (int gi = 0; gi < 3; gi++) {
-                    const proj_fields f = field_offsets(H, 3, D, (long)t * B + b, h, gi);
-                    float *q = sv + 17 * D + gi * D, *k = sv + 20 * D + gi * D,
-                          *rk = sv + 23 * D + gi * D, *beta = sv + 26 * D + gi,
-                          *rbeta = sv + 26 * D + 3 + gi, *norm = sv + 26 * D + 6 + gi;
-                    norm[0] = activate(D, raw ? ACT_PHI : ACT_NONE, P + f.q, q);
-                    norm[3] = activate(D, raw ? ACT_PHI : ACT_NONE, P + f.k, k);
-                    activate(D, raw ? ACT_SOFTMAX : ACT_NONE, P + f.rk, rk);
-                    *beta = raw ? sigmoid(P[f.beta]) : P[f.beta];
-                    *rbeta = raw ? sigmoid(P[f.rbeta]) : P[f.rbeta];
-                    ds_forward(D, W + gi * D * D, q, k, P + f.v, *beta, z, sv + 3 * D + gi * D,
-                               sv + gi * D);
-                    ds_forward(D, R + gi * D * D, sh, rk, P + f.rv, *rbeta, r, sv + 9 * D + gi * D,
-                               sv + 6 * D + gi * D);
-                    for (int j = 0; j < D; j++) pre[gi * D + j] = z[j] + r[j];
-                }
-                float *ig = sv + 13 * D, *ug = sv + 14 * D, *og = sv + 15 * D;
-                for (int j = 0; j < D; j++) {
-                    ig[j] = sigmoid(pre[j]);
-                    ug[j] = pre[D + j];
-                    og[j] = sigmoid(pre[2 * D + j]);
-                    c[j] = ig[j] * ug[j] + (1.f - ig[j]) * c[j];
-                    hh[j] = og[j] * c[j];
-                }
-                memcpy(sv + 16 * D, c, D * sizeof *c);
-                memcpy(Y + row * D, hh, D * sizeof *hh);
+            float buf[LSTM_SAVED(D)], *sv = saved ? saved + row * S : buf, *sh = sv + 12 * D;
+            float z[D], r[D], pre[3 * D];
+            softmax(D, hh, sh);
+            for (int gi = 0; gi < 3; gi++) {
+                const proj_fields f = field_offsets(H, 3, D, (long)t * B + b, h, gi);
+                float *q = sv + 17 * D + gi * D, *k = sv + 20 * D + gi * D,
+                      *rk = sv + 23 * D + gi * D, *beta = sv + 26 * D + gi,
+                      *rbeta = sv + 26 * D + 3 + gi, *norm = sv + 26 * D + 6 + gi;
+                norm[0] = activate(D, raw ? ACT_PHI : ACT_NONE, P + f.q, q);
+                norm[3] = activate(D, raw ? ACT_PHI : ACT_NONE, P + f.k, k);
+                activate(D, raw ? ACT_SOFTMAX : ACT_NONE, P + f.rk, rk);
+                *beta = raw ? sigmoid(P[f.beta]) : P[f.beta];
+                *rbeta = raw ? sigmoid(P[f.rbeta]) : P[f.rbeta];
+                ds_forward(D, W + gi * D * D, q, k, P + f.v, *beta, z, sv + 3 * D + gi * D,
+                           sv + gi * D);
+                ds_forward(D, R + gi * D * D, sh, rk, P + f.rv, *rbeta, r, sv + 9 * D + gi * D,
+                           sv + 6 * D + gi * D);
+                for (int j = 0; j < D; j++) pre[gi * D + j] = z[j] + r[j];
             }
+            float *ig = sv + 13 * D, *ug = sv + 14 * D, *og = sv + 15 * D;
+            for (int j = 0; j < D; j++) {
+                ig[j] = sigmoid(pre[j]);
+                ug[j] = pre[D + j];
+                og[j] = sigmoid(pre[2 * D + j]);
+                c[j] = ig[j] * ug[j] + (1.f - ig[j]) * c[j];
+                hh[j] = og[j] * c[j];
+            }
+            memcpy(sv + 16 * D, c, D * sizeof *c);
+            memcpy(Y + row * D, hh, D * sizeof *hh);
         }
     }
 }
