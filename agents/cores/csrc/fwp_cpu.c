@@ -27,6 +27,9 @@
  */
 #include <math.h>
 #include <string.h>
+#ifdef __SSE__
+#include <immintrin.h>
+#endif
 
 /* The helpers are inlined into their callers, so that a constant D reaches every loop. */
 #define INLINE static inline __attribute__((always_inline))
@@ -289,16 +292,32 @@ INLINE void prefetch_step(const float *array, int T, int B, int b, int next, lon
         prefetch(array + ((long)next * B + b) * width, width, write);
 }
 
-/* The fields of head h in projection row `row` (field_offsets), prefetched for reading. */
-INLINE void prefetch_fields(const float *P, int H, int G, int D, long row, int h) {
+/* dst[0:n] = src[0:n] with non-temporal stores where dst allows (16-byte aligned): the saved
+ * rows are read back only by the backward, long after, so the stores skip reading the lines
+ * they overwrite into cache first. */
+INLINE void stream_out(float *restrict dst, const float *restrict src, long n) {
+#ifdef __SSE__
+    if (((unsigned long)dst & 15) == 0) {
+        long i = 0;
+        for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+        for (; i < n; i++) dst[i] = src[i];
+        return;
+    }
+#endif
+    memcpy(dst, src, n * sizeof *dst);
+}
+
+/* The fields of head h in projection row `row` (field_offsets), prefetched for reading or
+ * (write) writing. */
+INLINE void prefetch_fields(const float *P, int H, int G, int D, long row, int h, int write) {
     const proj_fields f = field_offsets(H, G, D, row, h, 0);
-    prefetch(P + f.q, (long)G * D, 0);
-    prefetch(P + f.k, (long)G * D, 0);
-    prefetch(P + f.v, (long)G * D, 0);
-    prefetch(P + f.rk, (long)G * D, 0);
-    prefetch(P + f.rv, (long)G * D, 0);
-    prefetch(P + f.beta, G, 0);
-    prefetch(P + f.rbeta, G, 0);
+    prefetch(P + f.q, (long)G * D, write);
+    prefetch(P + f.k, (long)G * D, write);
+    prefetch(P + f.v, (long)G * D, write);
+    prefetch(P + f.rk, (long)G * D, write);
+    prefetch(P + f.rv, (long)G * D, write);
+    prefetch(P + f.beta, G, write);
+    prefetch(P + f.rbeta, G, write);
 }
 
 /* ------------------------------------------------------------------ Recurrent Delta Net
@@ -664,8 +683,7 @@ void delta_lstm_forward(int T, int B, int H, int D, int raw, const float *P,
         for (int t = 0; t < T; t++) {
             const long row = ((long)t * B + b) * H + h;
             if (t + 1 < T) {
-                prefetch_fields(P, H, 3, D, (long)(t + 1) * B + b, h);
-                if (saved) prefetch(saved + (row + (long)B * H) * S, S, 1);
+                prefetch_fields(P, H, 3, D, (long)(t + 1) * B + b, h, 0);
                 prefetch(Y + (row + (long)B * H) * D, D, 1);
             }
             if (keep[t * B + b] == 0.f) {
@@ -679,7 +697,7 @@ void delta_lstm_forward(int T, int B, int H, int D, int raw, const float *P,
                 memset(hh, 0, sizeof hh);
                 memset(c, 0, D * sizeof *c);
             }
-            float buf[LSTM_SAVED(D)], *sv = saved ? saved + row * S : buf, *sh = sv + 12 * D;
+            float sv[LSTM_SAVED(D)] __attribute__((aligned(64))), *sh = sv + 12 * D;
             float z[D], r[D], pre[3 * D];
             softmax(D, hh, sh);
             for (int gi = 0; gi < 3; gi++) {
@@ -708,6 +726,7 @@ void delta_lstm_forward(int T, int B, int H, int D, int raw, const float *P,
             }
             memcpy(sv + 16 * D, c, D * sizeof *c);
             memcpy(Y + row * D, hh, D * sizeof *hh);
+            if (saved) stream_out(saved + row * S, sv, S);
         }
     }
 }
@@ -721,70 +740,69 @@ void delta_lstm_backward(int T, int B, int H, int D, int full, int raw, const fl
                          const float *gh_last, const float *gc_last, float *gP, float *gW0,
                          float *gR0, float *gh0, float *gc0, float *work, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < B; b++) {
-        const int S = LSTM_SAVED(D), G = 3 * D * D;
-        const long HG = (long)H * G, HD = (long)H * D, F = 15 * HD + 6 * H;
-        float *Wt = work + 2 * b * HG, *Rt = Wt + HG, *gWb = gW0 + b * HG, *gRb = gR0 + b * HG;
-        float *ghs = gh0 + b * HD, *gcs = gc0 + b * HD;
-        load_transposed(D, 3 * H, Wt, W_last + b * HG);
-        load_transposed(D, 3 * H, Rt, R_last + b * HG);
-        memcpy(gWb, gW_last + b * HG, HG * sizeof *gWb);
-        memcpy(gRb, gR_last + b * HG, HG * sizeof *gRb);
-        memcpy(ghs, gh_last + b * HD, HD * sizeof *ghs);
-        memcpy(gcs, gc_last + b * HD, HD * sizeof *gcs);
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H, S = LSTM_SAVED(D), G = 3 * D * D;
+        const long HG = (long)H * G, BH = (long)B * H;
+        float *Wt = work + (2L * b * H + h) * G, *Rt = Wt + HG, *gW = gW0 + bh * G;
+        float *gR = gR0 + bh * G, *gh = gh0 + (long)bh * D, *gc = gc0 + (long)bh * D;
+        load_transposed(D, 3, Wt, W_last + bh * G);
+        load_transposed(D, 3, Rt, R_last + bh * G);
+        memcpy(gW, gW_last + bh * G, G * sizeof *gW);
+        memcpy(gR, gR_last + bh * G, G * sizeof *gR);
+        memcpy(gh, gh_last + (long)bh * D, D * sizeof *gh);
+        memcpy(gc, gc_last + (long)bh * D, D * sizeof *gc);
         for (int t = T - 1; t >= 0; t--) {
-            prefetch_step(saved, T, B, b, t - 1, (long)H * S, 0);
-            prefetch_step(gY, T, B, b, t - 1, HD, 0);
-            prefetch_step(gP, T, B, b, t - 1, F, 1);
+            const long row = ((long)t * B + b) * H + h;
+            if (t > 0) {
+                prefetch(saved + (row - BH) * S, S, 0);
+                prefetch(gY + (row - BH) * D, D, 0);
+                prefetch_fields(gP, H, 3, D, (long)(t - 1) * B + b, h, 1);
+            }
             const float a = keep[t * B + b], pass = (full || t == 0) ? a : 0.f;
             const int through = full || t == 0 || t == T - 1;
-            for (int h = 0; h < H; h++) {
-                const long row = ((long)t * B + b) * H + h;
-                const float *sv = saved + row * S, *sh = sv + 12 * D, *ig = sv + 13 * D,
-                            *ug = sv + 14 * D, *og = sv + 15 * D, *c = sv + 16 * D;
-                const float *c_prev =
-                    t > 0 ? saved + (row - (long)B * H) * S + 16 * D : c0 + row * D;
-                float *gh = ghs + h * D, *gc = gcs + h * D, gpre[3 * D];
-                for (int j = 0; j < D; j++) {
-                    float ght = gh[j] + gY[row * D + j], gct = gc[j] + ght * og[j];
-                    gpre[j] = gct * (ug[j] - c_prev[j] * a) * ig[j] * (1.f - ig[j]);
-                    gpre[D + j] = gct * ig[j];
-                    gpre[2 * D + j] = ght * c[j] * og[j] * (1.f - og[j]);
-                    gc[j] = gct * (1.f - ig[j]) * pass;
-                }
-                for (int gi = 0; gi < 3; gi++) {
-                    const proj_fields f = field_offsets(H, 3, D, (long)t * B + b, h, gi);
-                    const float *q = sv + 17 * D + gi * D, *k = sv + 20 * D + gi * D,
-                                *rk = sv + 23 * D + gi * D, beta = sv[26 * D + gi],
-                                rbeta = sv[26 * D + 3 + gi], *norm = sv + 26 * D + 6 + gi;
-                    const long m = (long)h * G + gi * D * D;
-                    float *g = gpre + gi * D;
-                    float gbeta = ds_backward(D, Wt + m, through ? gWb + m : NULL, g, q, k, beta,
-                                              sv + gi * D, sv + 3 * D + gi * D, gP + f.q, gP + f.k,
-                                              gP + f.v, 0);
-                    float grbeta = ds_backward(D, Rt + m, through ? gRb + m : NULL, g, sh, rk,
-                                               rbeta, sv + 6 * D + gi * D, sv + 9 * D + gi * D,
-                                               gh, gP + f.rk, gP + f.rv, gi > 0);
-                    if (raw) {
-                        activate_backward(D, ACT_PHI, q, norm[0], gP + f.q);
-                        activate_backward(D, ACT_PHI, k, norm[3], gP + f.k);
-                        softmax_backward(D, rk, gP + f.rk);
-                        gbeta *= beta * (1.f - beta);
-                        grbeta *= rbeta * (1.f - rbeta);
-                    }
-                    gP[f.beta] = gbeta;
-                    gP[f.rbeta] = grbeta;
-                }
-                softmax_backward(D, sh, gh);
-                scale(D, gh, pass);
+            const float *sv = saved + row * S, *sh = sv + 12 * D, *ig = sv + 13 * D,
+                        *ug = sv + 14 * D, *og = sv + 15 * D, *c = sv + 16 * D;
+            const float *c_prev = t > 0 ? saved + (row - BH) * S + 16 * D : c0 + row * D;
+            float gpre[3 * D];
+            for (int j = 0; j < D; j++) {
+                float ght = gh[j] + gY[row * D + j], gct = gc[j] + ght * og[j];
+                gpre[j] = gct * (ug[j] - c_prev[j] * a) * ig[j] * (1.f - ig[j]);
+                gpre[D + j] = gct * ig[j];
+                gpre[2 * D + j] = ght * c[j] * og[j] * (1.f - og[j]);
+                gc[j] = gct * (1.f - ig[j]) * pass;
             }
+            for (int gi = 0; gi < 3; gi++) {
+                const proj_fields f = field_offsets(H, 3, D, (long)t * B + b, h, gi);
+                const float *q = sv + 17 * D + gi * D, *k = sv + 20 * D + gi * D,
+                            *rk = sv + 23 * D + gi * D, beta = sv[26 * D + gi],
+                            rbeta = sv[26 * D + 3 + gi], *norm = sv + 26 * D + 6 + gi;
+                const long m = gi * D * D;
+                float *g = gpre + gi * D;
+                float gbeta = ds_backward(D, Wt + m, through ? gW + m : NULL, g, q, k, beta,
+                                          sv + gi * D, sv + 3 * D + gi * D, gP + f.q, gP + f.k,
+                                          gP + f.v, 0);
+                float grbeta = ds_backward(D, Rt + m, through ? gR + m : NULL, g, sh, rk, rbeta,
+                                           sv + 6 * D + gi * D, sv + 9 * D + gi * D, gh,
+                                           gP + f.rk, gP + f.rv, gi > 0);
+                if (raw) {
+                    activate_backward(D, ACT_PHI, q, norm[0], gP + f.q);
+                    activate_backward(D, ACT_PHI, k, norm[3], gP + f.k);
+                    softmax_backward(D, rk, gP + f.rk);
+                    gbeta *= beta * (1.f - beta);
+                    grbeta *= rbeta * (1.f - rbeta);
+                }
+                gP[f.beta] = gbeta;
+                gP[f.rbeta] = grbeta;
+            }
+            softmax_backward(D, sh, gh);
+            scale(D, gh, pass);
             if (a == 0.f && t > 0) {
-                const float *e = erased + slot[t * B + b] * 2 * HG;
-                load_transposed(D, 3 * H, Wt, e);
-                load_transposed(D, 3 * H, Rt, e + HG);
+                const float *e = erased + slot[t * B + b] * 2 * HG + (long)h * G;
+                load_transposed(D, 3, Wt, e);
+                load_transposed(D, 3, Rt, e + HG);
             }
-            scale(HG, gWb, pass);
-            scale(HG, gRb, pass);
+            scale(G, gW, pass);
+            scale(G, gR, pass);
         }
     }
 }
