@@ -1,12 +1,12 @@
 """The fused C kernels of ``csrc/fwp_cpu.c``: built on first use, loaded with ctypes.
 
 The source is compiled once per machine with the system C compiler (``$CC``, default ``cc``;
-``-O3 -march=native -fopenmp``) into ``$XDG_CACHE_HOME/deltabeast`` (default ``~/.cache``),
-under a name that hashes the source, the flags, the compiler and the CPU, so an edit, another
-compiler or another machine never loads a stale build; a new build removes those not loaded
-for a month. No torch headers are involved, so the build takes about a second. Where it
-cannot be built (no compiler) or is switched off with ``DELTABEAST_CPU_KERNELS=0``, ``usable``
-says no after one warning and the torch fast paths serve.
+``FLAGS``) into ``$XDG_CACHE_HOME/deltabeast`` (default ``~/.cache``), under a name that hashes
+the source, the flags, the compiler and the CPU, so an edit, another compiler or another
+machine never loads a stale build; a new build removes those not loaded for a month. No torch
+headers are involved, so the build takes about a second. Where it cannot be built (no compiler)
+or is switched off with ``DELTABEAST_CPU_KERNELS=0``, ``usable`` says no after one warning and
+the torch fast paths serve.
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ from torch import Tensor
 from agents.cores.override import Override
 
 SOURCE = Path(__file__).with_name("csrc") / "fwp_cpu.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+# -fno-trapping-math lets gcc if-convert the float comparisons in fast_exp's clamp and in φ, and
+# so vectorise the activation loops (with trapping math they stay scalar: 1.7x on delta_lstm's
+# recurrence, 3x on delta's). Nothing here enables floating-point traps.
+FLAGS = (
+    "-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-std=gnu11", "-shared", "-fPIC",
+)  # fmt: skip
 SWITCH = "DELTABEAST_CPU_KERNELS"
 CORES = ("lt", "delta", "rdn", "delta_rnn", "delta_lstm")  # the cores the kernels serve
 MAX_HEAD_DIM = 128  # a program's per-step vectors live on its thread's stack (up to 26d floats)
