@@ -143,6 +143,56 @@ INLINE void ds_forward(int D, float *restrict M, const float *restrict q, const 
     write_read(D, 1, M, q, k, v, beta, y, diff, u);
 }
 
+/* gu += k G and Gu = G uᵀ in one pass over the rows of G [D, D]. Gu's entries are dots along
+ * rows, which gcc ends with a serial chain of scalar adds per row; with AVX2 (and D a multiple
+ * of 8) eight rows' dots are summed across lanes together, in six horizontal adds. */
+SPECIALISED void accumulate_kG_Gu_d(int D, const float *restrict G, const float *restrict k,
+                                    const float *restrict u, float *restrict gu,
+                                    float *restrict Gu) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (D % 8 == 0) {
+        __m256 gus[D / 8];
+        for (int j = 0; j < D / 8; j++) gus[j] = _mm256_loadu_ps(gu + 8 * j);
+        for (int i0 = 0; i0 < D; i0 += 8) {
+            __m256 dots[8];
+            for (int r = 0; r < 8; r++) {
+                const float *row = G + (i0 + r) * D;
+                const __m256 kr = _mm256_set1_ps(k[i0 + r]);
+                __m256 acc = _mm256_setzero_ps();
+                for (int j = 0; j < D / 8; j++) {
+                    const __m256 x = _mm256_loadu_ps(row + 8 * j);
+                    gus[j] = _mm256_fmadd_ps(kr, x, gus[j]);
+                    acc = _mm256_fmadd_ps(x, _mm256_loadu_ps(u + 8 * j), acc);
+                }
+                dots[r] = acc;
+            }
+            /* Pairwise horizontal adds leave rows 0-3's sums in each 128-bit lane of s0123
+             * (low lane: columns 0-3 of each row, high lane: 4-7), rows 4-7's in s4567. */
+            const __m256 s01 = _mm256_hadd_ps(dots[0], dots[1]);
+            const __m256 s23 = _mm256_hadd_ps(dots[2], dots[3]);
+            const __m256 s45 = _mm256_hadd_ps(dots[4], dots[5]);
+            const __m256 s67 = _mm256_hadd_ps(dots[6], dots[7]);
+            const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+            const __m256 low = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+            const __m256 high = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+            _mm256_storeu_ps(Gu + i0, _mm256_add_ps(low, high));
+        }
+        for (int j = 0; j < D / 8; j++) _mm256_storeu_ps(gu + 8 * j, gus[j]);
+        return;
+    }
+#endif
+    for (int i = 0; i < D; i++) {
+        const float *row = G + i * D, ki = k[i];
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int j = 0; j < D; j++) {
+            gu[j] += ki * row[j];
+            s += row[j] * u[j];
+        }
+        Gu[i] = s;
+    }
+}
+
 /* Backward of write_read (same delta). On entry Mt is the transpose of the written matrix (the
  * backward keeps its fast weights transposed, so that the products M gᵀ below run as vector
  * updates along Mt's contiguous rows instead of one horizontal sum per row) and gM the gradient
@@ -162,18 +212,12 @@ SPECIALISED float write_read_backward_d(int D, int delta, float *restrict Mt, fl
     float gu[D], a[D], b[D], gvm[D]; /* gvm: gv's path through v − k M (none when u = v) */
     float qk = dot(D, q, k), gu_dot = dot(D, g, u);
     for (int j = 0; j < D; j++) gu[j] = qk * g[j];
-    for (int i = 0; i < D; i++) {  /* G = gM + qᵀg: gu = k G, gk (write) = G uᵀ */
-        float ki = k[i], s = 0.f;
-        if (gM) {
-            const float *row = gM + i * D;
-#pragma omp simd reduction(+ : s)
-            for (int j = 0; j < D; j++) {
-                gu[j] += ki * row[j];
-                s += row[j] * u[j];
-            }
-        }
-        gk[i] = s + q[i] * gu_dot;
-    }
+    /* G = gM + qᵀg: gu = k G, gk (write) = G uᵀ */
+    if (gM)
+        accumulate_kG_Gu_d(D, gM, k, u, gu, gk);
+    else
+        memset(gk, 0, D * sizeof *gk);
+    for (int i = 0; i < D; i++) gk[i] += q[i] * gu_dot;
     for (int j = 0; j < D; j++) {
         gv[j] = delta ? beta * gu[j] : gu[j];
         gvm[j] = delta ? gv[j] : 0.f;
