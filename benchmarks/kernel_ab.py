@@ -12,7 +12,9 @@ the speed-up.
         [--cores delta_rnn,rdn,delta_lstm] [--what recurrence,core,act]
 
 (``recurrence`` times ``fast_weights.<name>``, ``forward`` its forward alone, saving for the
-backward: for lt and delta use ``core`` or ``act``.)
+backward: for lt and delta use ``core`` or ``act``. ``layer`` times fwd+bwd of the C kernel a
+layer calls on its raw slow projection, ``cpu_recurrences.PROJECTED[name]``, which every core
+but rdn has.)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORES = ("lt", "delta", "delta_rnn", "rdn", "delta_lstm")
-WHATS = ("recurrence", "forward", "core", "act")
+WHATS = ("recurrence", "forward", "layer", "core", "act")
 
 # Runs in a child whose working directory is the tree under test; prints the times in ms.
 CHILD = """
@@ -46,6 +48,17 @@ elif what == "act":
     core = make_core(name, INPUT)
     x, first = torch.randn(1, 8, INPUT), torch.zeros(1, 8, dtype=torch.bool)
     step = torch.no_grad()(lambda state=core.initial_state(8): core(x, first, state))
+elif what == "layer":
+    from agents.cores.cpu_recurrences import PROJECTED
+    from benchmarks.core_speed import HEAD_DIM as d, HEADS as H
+    fields = {"lt": (3, 0), "delta": (3, 1), "delta_rnn": (5, 2), "delta_lstm": (15, 6)}[name]
+    matrices, vectors = {"lt": (1, 0), "delta": (1, 0), "delta_rnn": (2, 1)}.get(name, (2, 2))
+    gates = (3,) if name == "delta_lstm" else ()
+    state = (torch.zeros(B, H, *gates, d, d),) * matrices + (torch.zeros(B, H, d),) * vectors
+    P = torch.randn(T, B, fields[0] * H * d + fields[1] * H, requires_grad=True)
+    def step():
+        y, _ = PROJECTED[name](P, H, done, state)
+        torch.autograd.grad(y, P, torch.ones_like(y))
 else:
     inputs, state = recurrence_inputs(name)
     def step():
@@ -88,11 +101,13 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4, help="alternations of the two trees")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per block")
     parser.add_argument("--cores", default="delta_rnn,rdn,delta_lstm", help=f"of {CORES}")
-    parser.add_argument("--what", default="recurrence,core", help="of recurrence, forward, core, act")
+    parser.add_argument("--what", default="recurrence,core", help=f"of {', '.join(WHATS)}")
     args = parser.parse_args()
     cores, whats = args.cores.split(","), args.what.split(",")
     if not set(cores) <= set(CORES) or not set(whats) <= set(WHATS):
         parser.error(f"--cores takes {', '.join(CORES)}; --what takes {', '.join(WHATS)}")
+    if "layer" in whats and "rdn" in cores:
+        parser.error("--what layer: rdn has no layer kernel (it reads its raw inputs, not a row)")
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"base": export(args.base, Path(tmp)), "head": ROOT}
         for threads in (int(n) for n in args.threads.split(",")):
