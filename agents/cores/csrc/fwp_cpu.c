@@ -7,11 +7,13 @@
  * each step with a dozen small ops. Each step reads and writes one [H, ...] block per array,
  * contiguous across the heads, and the next step's blocks are prefetched while this one
  * computes: the arrays are [T, B, ...], so a program's rows lie a whole step (B rows) apart and
- * would otherwise each wait on memory. Programs are independent, so OpenMP spreads them over
- * the threads the caller asks for (torch's own libgomp is already loaded, so both share one
- * thread pool). The per-step helpers that do the d×d work are compiled twice (SPECIALISED):
- * once for the paper's head size d = 32 as a constant, with the d-loops unrolled and the
- * d-vectors in registers (1.5-2x faster), and once for any d.
+ * would otherwise each wait on memory. The Delta LSTM's kernels instead run a program per
+ * (batch element, head): a head's six matrices (24 KB) fit L1, a batch element's 96 KB do not.
+ * Programs are independent, so OpenMP spreads them over the threads the caller asks for
+ * (torch's own libgomp is already loaded, so both share one thread pool). The per-step
+ * helpers that do the d×d work are compiled twice (SPECIALISED): once for the paper's head size
+ * d = 32 as a constant, with the d-loops unrolled and the d-vectors in registers (1.5-2x
+ * faster), and once for any d.
  *
  * Conventions (matching agents/cores/recurrent_fast_weights.py): row vectors, fast weights
  * key-major [d, d] with read y = q M; all arrays float32 and contiguous; time-major per-head
