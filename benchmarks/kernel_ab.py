@@ -51,11 +51,14 @@ elif what == "act":
 elif what == "layer":
     from agents.cores.cpu_recurrences import PROJECTED
     from benchmarks.core_speed import HEAD_DIM as d, HEADS as H
-    fields = {"lt": (3, 0), "delta": (3, 1), "delta_rnn": (5, 2), "delta_lstm": (15, 6)}[name]
-    matrices, vectors = {"lt": (1, 0), "delta": (1, 0), "delta_rnn": (2, 1)}.get(name, (2, 2))
+    # A row holds per_d * H * d + per_head * H floats; the state, matrices (W or W, R) then vectors.
+    per_d, per_head, matrices, vectors = {
+        "lt": (3, 0, 1, 0), "delta": (3, 1, 1, 0), "delta_rnn": (5, 2, 2, 1),
+        "delta_lstm": (15, 6, 2, 2),
+    }[name]
     gates = (3,) if name == "delta_lstm" else ()
     state = (torch.zeros(B, H, *gates, d, d),) * matrices + (torch.zeros(B, H, d),) * vectors
-    P = torch.randn(T, B, fields[0] * H * d + fields[1] * H, requires_grad=True)
+    P = torch.randn(T, B, per_d * H * d + per_head * H, requires_grad=True)
     def step():
         y, _ = PROJECTED[name](P, H, done, state)
         torch.autograd.grad(y, P, torch.ones_like(y))

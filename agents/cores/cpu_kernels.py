@@ -31,8 +31,8 @@ from agents.cores.override import Override
 
 SOURCE = Path(__file__).with_name("csrc") / "fwp_cpu.c"
 # -fno-trapping-math lets gcc if-convert the float comparisons in fast_exp's clamp and in φ, and
-# so vectorise the activation loops (with trapping math they stay scalar: 1.7x on delta_lstm's
-# recurrence, 3x on delta's). Nothing here enables floating-point traps.
+# so vectorise the activation loops, which under trapping math stay scalar (docs/benchmarks.md,
+# 2026-12-07). Nothing here enables floating-point traps.
 FLAGS = (
     "-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-std=gnu11", "-shared", "-fPIC",
 )  # fmt: skip
