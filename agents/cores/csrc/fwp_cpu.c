@@ -8,7 +8,9 @@
  * contiguous across the heads, and the next step's blocks are prefetched while this one
  * computes: the arrays are [T, B, ...], so a program's rows lie a whole step (B rows) apart and
  * would otherwise each wait on memory. The Delta LSTM's kernels instead run a program per
- * (batch element, head): a head's six matrices (24 KB) fit L1, a batch element's 96 KB do not.
+ * (batch element, head): a head's six matrices (24 KB) fit L1, a batch element's 96 KB do not
+ * (the backward's 48 KB, with the gradients, overflow a 32 KB L1 by little cost: about 4% a
+ * step, docs/benchmarks.md).
  * Programs are independent, so OpenMP spreads them over the threads the caller asks for
  * (torch's own libgomp is already loaded, so both share one thread pool). The per-step
  * helpers that do the d×d work are compiled twice (SPECIALISED): once for the paper's head size
